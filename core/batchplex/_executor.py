@@ -1,0 +1,235 @@
+"""The device executor: runs batches for one device off the event loop, pipelined in three stages.
+
+    collate thread            run thread                        finish thread
+    adapter.collate  ──▶  model(inputs) on the compute     ──▶  wait for the batch's event, adapter.split,
+    H2D on the copy       stream (waits on the copy's           isolate failures, hand the batch back
+    stream, record event  event), postprocess, D2H into         (one thread-safe call per batch)
+                          pinned memory, record event
+
+While batch k runs, batch k+1 is collated and copied, and batch k-1's results are split and delivered. On the CPU
+there are no streams or events: the same three stages run, synchronously within each stage, so CI exercises the
+same code path.
+
+When a batch raises, the finish stage bisects it (collate + run + split again on each half) until the failing
+request(s) are alone, so only they fail. An out-of-memory error is handled the same way: the halves are retried,
+and the job reports the size that failed so the scheduler can lower its batch limit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .adapter import check_split
+from .collate import map_tensors
+from .errors import BatchplexError, ContractError, RequestFailed
+
+__all__ = ["BatchJob", "DeviceExecutor"]
+
+_STOP = object()
+
+
+class BatchJob:
+    """One batch on its way through a device executor, and what came of it."""
+
+    __slots__ = ("workload", "requests", "padded_size", "model", "owner", "waited_s", "inputs", "output", "error",
+                 "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried")
+
+    def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
+                 waited_s: float = 0.0) -> None:
+        self.workload = workload
+        self.requests = requests
+        self.padded_size = padded_size
+        self.model = model
+        self.owner = owner  # whatever the submitter needs back with the finished job (the scheduler: its lane)
+        self.waited_s = waited_s
+        self.inputs: Any = None
+        self.output: Any = None
+        self.error: BaseException | None = None
+        self.copied: Any = None
+        self.started: Any = None
+        self.ended: Any = None
+        self.run_s = 0.0
+        self.results: list[Any] = []
+        self.errors: list[BaseException | None] = []
+        self.oom_size = 0
+        self.retried = False
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class DeviceExecutor:
+    """Three pipelined worker threads for one device; ``on_done(job)`` is called from the finish thread."""
+
+    def __init__(self, device: torch.device, on_done: Callable[[BatchJob], None]) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._on_done = on_done
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(device)
+            self._compute_stream = torch.cuda.Stream(device)
+        self._queues = [queue.SimpleQueue() for _ in range(3)]
+        stages = (self._collate_stage, self._run_stage, self._finish_stage)
+        self._threads = [threading.Thread(target=self._serve, args=(i, stage), daemon=True,
+                                          name=f"batchplex-{device}-{stage.__name__.strip('_')}")
+                         for i, stage in enumerate(stages)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: BatchJob) -> None:
+        self._queues[0].put(job)
+
+    def close(self) -> None:
+        """Stop after the batches already submitted; waits for the threads."""
+        self._queues[0].put(_STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self, index: int, stage: Callable[[BatchJob], None]) -> None:
+        inbox = self._queues[index]
+        outbox = self._queues[index + 1] if index + 1 < len(self._queues) else None
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        with torch.inference_mode():
+            while (job := inbox.get()) is not _STOP:
+                stage(job)
+                if outbox is not None:
+                    outbox.put(job)
+        if outbox is not None:
+            outbox.put(_STOP)
+
+    # ------------------------------------------------------------------ stages
+    def _collate_stage(self, job: BatchJob) -> None:
+        adapter = job.workload.adapter
+        try:
+            items = [request.item for request in job.requests]
+            if self.cuda:
+                with torch.cuda.stream(self._copy_stream):
+                    job.inputs = adapter.collate(items, self.device, job.padded_size)
+                    job.copied = torch.cuda.Event()
+                    job.copied.record(self._copy_stream)
+            else:
+                job.inputs = adapter.collate(items, self.device, job.padded_size)
+        except Exception as error:  # isolated by the finish stage
+            job.error = error
+
+    def _run_stage(self, job: BatchJob) -> None:
+        if job.error is not None:
+            return
+        try:
+            if self.cuda:
+                stream = self._compute_stream
+                with torch.cuda.stream(stream):
+                    stream.wait_event(job.copied)
+                    map_tensors(lambda t: t.record_stream(stream) if t.is_cuda else None, job.inputs)
+                    job.started = torch.cuda.Event(enable_timing=True)
+                    job.ended = torch.cuda.Event(enable_timing=True)
+                    job.started.record(stream)
+                    job.output = self._forward(job, job.inputs)
+                    job.ended.record(stream)
+            else:
+                started = time.perf_counter()
+                job.output = self._forward(job, job.inputs)
+                job.run_s = time.perf_counter() - started
+        except Exception as error:
+            job.error = error
+        job.inputs = None
+
+    def _finish_stage(self, job: BatchJob) -> None:
+        adapter = job.workload.adapter
+        n = len(job.requests)
+        if job.error is None:
+            try:
+                if self.cuda:
+                    job.ended.synchronize()
+                    job.run_s = job.started.elapsed_time(job.ended) / 1000.0
+                items = [request.item for request in job.requests]
+                job.results = list(check_split(adapter.name, adapter.split(job.output, items), n))
+                job.errors = [None] * n
+            except Exception as error:
+                job.error = error
+        job.output = None
+        if job.error is not None:
+            self._isolate(job)
+        self._on_done(job)
+
+    def _forward(self, job: BatchJob, inputs: Any) -> Any:
+        adapter = job.workload.adapter
+        output = job.model(inputs)
+        output = adapter.postprocess(output, inputs, [request.item for request in job.requests])
+        if adapter.copy_output_to_host and self.cuda:
+            output = map_tensors(_copy_to_pinned_host, output)
+        return output
+
+    # ------------------------------------------------------------------ failures
+    def _isolate(self, job: BatchJob) -> None:
+        """Bisect a failed batch so that only the failing requests fail; retry halves after out-of-memory."""
+        n = len(job.requests)
+        job.retried = True
+        job.results = [None] * n
+        job.errors = [None] * n
+        error = job.error
+        if isinstance(error, ContractError):
+            job.errors = [error] * n
+            return
+        if is_out_of_memory(error):
+            job.oom_size = n
+
+        def solve(lo: int, hi: int, failure: BaseException) -> None:
+            if hi - lo == 1:
+                job.errors[lo] = _per_request_error(job.workload.name, failure)
+                return
+            mid = (lo + hi) // 2
+            for a, b in ((lo, mid), (mid, hi)):
+                try:
+                    job.results[a:b] = self._run_alone(job, a, b)
+                except Exception as sub_error:
+                    if is_out_of_memory(sub_error):
+                        job.oom_size = min(job.oom_size or b - a, b - a)
+                    solve(a, b, sub_error)
+
+        solve(0, n, error)
+        job.error = None
+
+    def _run_alone(self, job: BatchJob, lo: int, hi: int) -> list[Any]:
+        """Collate, run and split ``requests[lo:hi]`` synchronously (used only while isolating a failure)."""
+        workload = job.workload
+        adapter = workload.adapter
+        items = [request.item for request in job.requests[lo:hi]]
+        padded = workload.policy.padded_size(len(items))
+        if self.cuda:
+            with torch.cuda.stream(self._compute_stream):
+                inputs = adapter.collate(items, self.device, padded)
+                output = job.model(inputs)
+                output = adapter.postprocess(output, inputs, items)
+                if adapter.copy_output_to_host:
+                    output = map_tensors(_copy_to_pinned_host, output)
+            self._compute_stream.synchronize()
+        else:
+            inputs = adapter.collate(items, self.device, padded)
+            output = adapter.postprocess(job.model(inputs), inputs, items)
+        return list(check_split(adapter.name, adapter.split(output, items), len(items)))
+
+
+def _copy_to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def _per_request_error(workload: str, failure: BaseException) -> BaseException:
+    if isinstance(failure, BatchplexError):
+        return failure
+    error = RequestFailed(f"workload {workload!r}: running this request failed: {type(failure).__name__}: "
+                          f"{failure}")
+    error.__cause__ = failure
+    return error

@@ -1,0 +1,100 @@
+"""Per-workload statistics: counters, recent wait and run times, and the record each finished batch leaves.
+
+Counters are updated on the event-loop thread only, so they need no lock. Percentiles are computed over a window
+of recent samples when `statistics()` is read, never on the request path.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatchRecord", "WorkloadStats", "percentile"]
+
+WINDOW = 8192
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one finished batch did; handed to ``batch_finished`` observers."""
+
+    workload: str
+    device: str
+    size: int
+    padded_size: int
+    cost: int
+    padded_cost: int
+    max_wait_s: float
+    run_s: float
+    failed: int
+    retried: bool
+
+
+def percentile(samples: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of ``samples`` by the nearest-rank method; None when empty."""
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class WorkloadStats:
+    """Running totals for one workload."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected_full: int = 0
+    rejected_invalid: int = 0
+    timeouts: int = 0
+    cancelled: int = 0
+    batches: int = 0
+    retried_batches: int = 0
+    items: int = 0
+    padded_items: int = 0
+    cost: int = 0
+    padded_cost: int = 0
+    run_s_total: float = 0.0
+    waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    runs_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def record_batch(self, record: BatchRecord) -> None:
+        self.batches += 1
+        self.retried_batches += record.retried
+        self.items += record.size
+        self.padded_items += record.padded_size
+        self.cost += record.cost
+        self.padded_cost += record.padded_cost
+        self.run_s_total += record.run_s
+        self.runs_s.append(record.run_s)
+
+    def snapshot(self, *, max_batch_size: int, queue_depth: int, in_flight: int) -> dict[str, Any]:
+        waits = list(self.waits_s)
+        runs = list(self.runs_s)
+        mean_size = self.items / self.batches if self.batches else 0.0
+        return {
+            "queue_depth": queue_depth,
+            "in_flight": in_flight,
+            "submitted": self.submitted,
+            "completed": self.completed,
+            "failed": self.failed,
+            "rejected_full": self.rejected_full,
+            "rejected_invalid": self.rejected_invalid,
+            "timeouts": self.timeouts,
+            "cancelled": self.cancelled,
+            "batches": self.batches,
+            "retried_batches": self.retried_batches,
+            "mean_batch_size": mean_size,
+            "mean_batch_fill": mean_size / max_batch_size if self.batches else 0.0,
+            "padding_waste": 1 - self.cost / self.padded_cost if self.padded_cost else 0.0,
+            "device_time_s": self.run_s_total,
+            "wait_ms": {f"p{q}": _ms(percentile(waits, q)) for q in (50, 90, 99)},
+            "run_ms": {f"p{q}": _ms(percentile(runs, q)) for q in (50, 90, 99)},
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0

@@ -1,0 +1,484 @@
+"""`Scheduler`: accepts single requests, forms batches per workload and runs them on their devices.
+
+The scheduler lives on one asyncio event loop. ``submit`` does only cheap work there (the adapter's ``prepare``,
+stamping arrival, deadline, priority and cost, one queue append); batch formation is `RequestQueue` logic driven
+by the loop's monotonic clock and at most one timer per workload; execution happens on one `DeviceExecutor` per
+device; results come back with one thread-safe call per batch and are handed to their own callers.
+
+Workloads that share a device share it fairly: when the device can take another batch, the workload that has
+used the least device time (divided by its ``weight``) among those with a ready batch goes next. A workload placed
+on several devices has one model replica per device, and whichever device frees up first takes its next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ._batching import Request, RequestQueue
+from ._executor import BatchJob, DeviceExecutor
+from .adapter import Adapter
+from .errors import (BatchplexError, DeadlineExceeded, InvalidRequestError, RequestTooLargeError,
+                     SchedulerClosed, UnknownWorkloadError)
+from .metrics import BatchRecord, WorkloadStats
+from .plugins import PluginHost
+from .policy import BatchPolicy
+
+__all__ = ["Scheduler", "Workload"]
+
+log = logging.getLogger("batchplex")
+_INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
+
+
+class _Lane:
+    """One device: its executor, the workloads placed on it and how many of their batches are in flight."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.executor: DeviceExecutor | None = None
+        self.workloads: list[Workload] = []
+        self.in_flight = 0
+
+
+class Workload:
+    """One named stream of requests: an adapter, a model replica per device, a policy and its queue."""
+
+    def __init__(self, name: str, adapter: Adapter, models: dict[torch.device, Callable], policy: BatchPolicy,
+                 weight: float) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.models = models
+        self.policy = policy
+        self.weight = weight
+        self.queue = RequestQueue(policy, name)
+        self.stats = WorkloadStats()
+        self.lanes: list[_Lane] = []
+        self.device_time = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    @property
+    def share(self) -> float:
+        """Device time used per unit of weight: the fair-share key (smallest goes next)."""
+        return self.device_time / self.weight
+
+    def __repr__(self) -> str:
+        return f"<Workload {self.name!r} adapter={self.adapter.name!r} devices={[str(d) for d in self.models]}>"
+
+
+class Scheduler:
+    """Batches single requests for one or more workloads and runs them on their devices.
+
+    Use it as ``async with Scheduler() as s:``, or call ``start()``/``close()`` from code without an event loop
+    (the scheduler then runs its own loop on a background thread and callers use ``submit_nowait``).
+
+    ``plugins`` are registered at run time next to the installed ones; ``autoload=False`` loads no installed
+    plugin. ``pipeline_depth`` is how many batches per device may be collating or running at once (2: batch k+1
+    is collated while batch k runs).
+    """
+
+    def __init__(self, plugins: Iterable[object] = (), *, autoload: bool = True, pipeline_depth: int = 2) -> None:
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be >= 1, got {pipeline_depth!r}")
+        self.plugins = PluginHost(plugins, autoload)
+        self.pipeline_depth = pipeline_depth
+        self._workloads: dict[str, Workload] = {}
+        self._lanes: dict[torch.device, _Lane] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._accepting = False
+        self._draining = False
+        self._idle: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def register_adapter(self, adapter: Adapter) -> None:
+        """Make ``adapter`` available by its name to `add_workload` (no plugin needed)."""
+        self.plugins.register_adapter(adapter)
+
+    def register_plugin(self, plugin: object) -> None:
+        """Register a plugin object (with ``@hookimpl`` functions) on this scheduler."""
+        self.plugins.register_plugin(plugin)
+
+    def add_workload(self, name: str, *, adapter: str | Adapter, model: Callable | Sequence[Callable],
+                     policy: BatchPolicy | None = None, device: str | torch.device | Sequence = "cpu",
+                     adapter_options: dict[str, Any] | None = None, weight: float = 1.0) -> Workload:
+        """Add a workload: requests submitted under ``name`` are prepared and collated by ``adapter`` and run by
+        ``model`` on ``device`` (a list of devices places one replica on each: a module is deep-copied and moved,
+        or pass one model per device).
+
+        ``adapter`` is a registered adapter's name (configured with ``adapter_options``) or an adapter instance.
+        ``weight`` scales the workload's fair share of a device shared with other workloads.
+        """
+        if name in self._workloads:
+            raise ValueError(f"a workload named {name!r} exists already")
+        if not (isinstance(weight, (int, float)) and weight > 0):
+            raise ValueError(f"workload {name!r}: weight must be a number > 0, got {weight!r}")
+        if isinstance(adapter, str):
+            adapter = self.plugins.adapter(adapter).configure(**(adapter_options or {}))
+        elif adapter_options:
+            raise ValueError(f"workload {name!r}: adapter_options apply to an adapter named by string only")
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"workload {name!r}: adapter must be an Adapter or a registered adapter's name, "
+                            f"got {type(adapter).__name__}")
+        devices = _devices(device)
+        workload = Workload(name, adapter, _replicas(name, model, devices), policy or BatchPolicy(), weight)
+        for dev in devices:
+            lane = self._lanes.get(dev)
+            if lane is None:
+                lane = self._lanes[dev] = _Lane(dev)
+                if self._loop is not None:
+                    lane.executor = self._new_executor(dev)
+            if lane.workloads:  # join at the current fair-share level: no banked credit
+                workload.device_time = min(w.share for w in lane.workloads) * weight
+            lane.workloads.append(workload)
+            workload.lanes.append(lane)
+        self._workloads[name] = workload
+        return workload
+
+    # ------------------------------------------------------------------ life cycle
+    async def __aenter__(self) -> Scheduler:
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        for lane in self._lanes.values():
+            lane.executor = self._new_executor(lane.device)
+        self._accepting = True
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose(drain=True)
+
+    async def aclose(self, drain: bool = True) -> None:
+        """Stop accepting requests; with ``drain`` run every accepted request, else fail queued ones with
+        `SchedulerClosed`. Batches already running always finish. Worker threads are joined."""
+        if self._loop is None:
+            return
+        self._accepting = False
+        if drain:
+            self._draining = True
+            for lane in self._lanes.values():
+                self._pump(lane)
+        else:
+            for workload in self._workloads.values():
+                for request in workload.queue.drain():
+                    _fail(request, SchedulerClosed(f"workload {workload.name!r}: the scheduler closed before "
+                                                   f"this request ran (close(drain=False))"))
+        while not self._quiet():
+            self._idle.clear()
+            await self._idle.wait()
+        for workload in self._workloads.values():
+            if workload.timer is not None:
+                workload.timer.cancel()
+        executors = [lane.executor for lane in self._lanes.values() if lane.executor is not None]
+        await asyncio.gather(*(asyncio.to_thread(executor.close) for executor in executors))
+        for lane in self._lanes.values():
+            lane.executor = None
+        self._loop = None
+
+    def _quiet(self) -> bool:
+        return all(lane.in_flight == 0 for lane in self._lanes.values()) and all(
+            workload.queue.depth == 0 for workload in self._workloads.values())
+
+    def start(self) -> Scheduler:
+        """Run the scheduler on its own event loop in a background thread (for code without asyncio)."""
+        if self._loop_thread is not None:
+            raise RuntimeError("this scheduler was started already")
+        loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="batchplex-loop", daemon=True)
+        self._loop_thread.start()
+        asyncio.run_coroutine_threadsafe(self.__aenter__(), loop).result()
+        return self
+
+    def close(self, drain: bool = True) -> None:
+        """Stop a scheduler started with ``start()``: drain (or fail) what is queued, join every thread."""
+        if self._loop_thread is None:
+            raise RuntimeError("close() is for a scheduler started with start(); use `async with` otherwise")
+        loop = self._loop
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.aclose(drain), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+        self._loop_thread.join()
+        self._loop_thread = None
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    async def submit(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
+                     **params: Any) -> Any:
+        """Submit one request and wait for its own result.
+
+        Raises `InvalidRequestError` (bad input), `QueueFullError` (back-pressure) or `SchedulerClosed` at once;
+        later `DeadlineExceeded` (not run before ``timeout`` seconds) or `RequestFailed` (the model failed on
+        this request). Cancelling the await drops the request if it has not run yet.
+        """
+        target = self._workload(workload)
+        waiter = self._loop.create_future()
+        self._enqueue(target, self._accept(target, item, priority, timeout, params, waiter))
+        return await waiter
+
+    def submit_nowait(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
+                      **params: Any) -> concurrent.futures.Future:
+        """Submit from any thread; returns a `concurrent.futures.Future` of the result.
+
+        Bad input raises here, in the caller's thread. Cancelling the future drops the request if it has not run.
+        """
+        target = self._workload(workload)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request = self._accept(target, item, priority, timeout, params, future)
+        if _on_loop_thread(self._loop):
+            self._enqueue(target, request)
+        else:
+            self._loop.call_soon_threadsafe(self._enqueue_or_fail, target, request)
+        return future
+
+    def _workload(self, name: str) -> Workload:
+        if not self._accepting:
+            raise SchedulerClosed("the scheduler is not running: use `async with Scheduler()` or start(); "
+                                  "no request is taken after close")
+        try:
+            return self._workloads[name]
+        except KeyError:
+            known = ", ".join(sorted(self._workloads)) or "none"
+            raise UnknownWorkloadError(f"no workload named {name!r} (known: {known})") from None
+
+    def _accept(self, workload: Workload, item: Any, priority: int, timeout: float | None, params: dict,
+                waiter: Any) -> Request:
+        """Validate and prepare one request (caller's thread); bad input raises here, for this caller only."""
+        policy = workload.policy
+        stats = workload.stats
+        if not (type(priority) is int and 0 <= priority < policy.priority_levels):
+            stats.rejected_invalid += 1
+            raise InvalidRequestError(f"priority must be an int from 0 to {policy.priority_levels - 1} "
+                                      f"(BatchPolicy.priority_levels={policy.priority_levels})",
+                                      workload=workload.name, rule="priority level", value=priority)
+        try:
+            prepared = workload.adapter.prepare(item, **params)
+            cost = workload.adapter.cost(prepared)
+        except InvalidRequestError as error:
+            stats.rejected_invalid += 1
+            if error.workload is None:
+                error.workload = workload.name
+            raise
+        if cost > policy.max_cost:
+            stats.rejected_invalid += 1
+            rule = "last bucket edge" if policy.bucket_edges else "max_batch_cost"
+            raise RequestTooLargeError(f"request cost {cost} exceeds the {rule} ({policy.max_cost}); truncate it "
+                                       f"(adapter option) or raise the policy's limit", workload=workload.name,
+                                       rule=rule, value=cost)
+        now = self._loop.time()
+        if timeout is None:
+            timeout = policy.default_timeout_s
+        elif not (isinstance(timeout, (int, float)) and timeout > 0):
+            stats.rejected_invalid += 1
+            raise InvalidRequestError("timeout must be a number of seconds > 0", workload=workload.name,
+                                      rule="timeout > 0", value=timeout)
+        deadline = now + timeout if timeout is not None else None
+        return Request(prepared, cost, now, deadline, priority, waiter)
+
+    def _enqueue_or_fail(self, workload: Workload, request: Request) -> None:
+        try:
+            self._enqueue(workload, request)
+        except BatchplexError as error:
+            _fail(request, error)
+
+    def _enqueue(self, workload: Workload, request: Request) -> None:
+        if not self._accepting:
+            raise SchedulerClosed(f"workload {workload.name!r}: the scheduler is closing; request not taken")
+        try:
+            full = workload.queue.push(request)
+        except BatchplexError:
+            workload.stats.rejected_full += 1
+            raise
+        workload.stats.submitted += 1
+        if full:
+            for lane in workload.lanes:
+                if lane.in_flight < self.pipeline_depth:
+                    self._pump(lane)
+                    break
+        elif workload.queue.depth == 1 or request.deadline is not None:
+            self._arm(workload, workload.queue.next_event())
+
+    # ------------------------------------------------------------------ batch formation
+    def _arm(self, workload: Workload, at: float | None) -> None:
+        """Make sure the workload's timer fires no later than ``at``."""
+        if at is None or at >= workload.timer_at:
+            return
+        if workload.timer is not None:
+            workload.timer.cancel()
+        workload.timer_at = at
+        workload.timer = self._loop.call_at(at, self._on_timer, workload)
+
+    def _on_timer(self, workload: Workload) -> None:
+        workload.timer, workload.timer_at = None, math.inf
+        for lane in workload.lanes:
+            self._pump(lane)
+        self._expire(workload, self._loop.time())
+        self._rearm(workload)
+
+    def _rearm(self, workload: Workload) -> None:
+        queue = workload.queue
+        if not queue.depth:
+            return
+        if any(lane.in_flight < self.pipeline_depth for lane in workload.lanes):
+            self._arm(workload, queue.next_event())
+        else:  # the devices are busy: a finishing batch pumps again; only deadlines need the clock
+            self._arm(workload, queue.tightest_deadline())
+
+    def _expire(self, workload: Workload, now: float) -> None:
+        for request in workload.queue.expire(now):
+            workload.stats.timeouts += 1
+            _fail(request, DeadlineExceeded(
+                f"workload {workload.name!r}: request waited {now - request.arrival:.3f}s in the queue, past its "
+                f"timeout of {request.deadline - request.arrival:.3f}s; it did not run"))
+
+    def _pump(self, lane: _Lane) -> None:
+        """Start batches on ``lane`` while it has room and one of its workloads has a ready batch."""
+        now = self._loop.time()
+        while lane.in_flight < self.pipeline_depth:
+            chosen = None
+            for workload in lane.workloads:
+                queue = workload.queue
+                if queue.depth:
+                    self._expire(workload, now)
+                    if (queue.depth and (self._draining or queue.ready(now))
+                            and (chosen is None or workload.share < chosen.share)):
+                        chosen = workload
+            if chosen is None:
+                break
+            batch = chosen.queue.take(now, force=self._draining)
+            self._collect_cancelled(chosen)
+            if batch:
+                self._dispatch(lane, chosen, batch, now)
+        for workload in lane.workloads:
+            self._rearm(workload)
+
+    def _collect_cancelled(self, workload: Workload) -> None:
+        seen = workload.queue.cancelled_seen
+        if seen:
+            workload.stats.cancelled += seen
+            workload.queue.cancelled_seen = 0
+
+    def _dispatch(self, lane: _Lane, workload: Workload, batch: list[Request], now: float) -> None:
+        lane.in_flight += 1
+        waits = [now - request.arrival for request in batch]
+        workload.stats.waits_s.extend(waits)
+        padded = workload.policy.padded_size(len(batch))
+        lane.executor.submit(BatchJob(workload, batch, padded, workload.models[lane.device], lane, max(waits)))
+
+    # ------------------------------------------------------------------ results
+    def _job_done(self, job: BatchJob) -> None:
+        """Called from a finish thread: hand the batch back to the loop with one thread-safe call."""
+        self._loop.call_soon_threadsafe(self._deliver, job)
+
+    def _deliver(self, job: BatchJob) -> None:
+        workload: Workload = job.workload
+        stats = workload.stats
+        failed = 0
+        for request, result, error in zip(job.requests, job.results, job.errors):
+            if error is None:
+                _resolve(request, result)
+            else:
+                failed += 1
+                _fail(request, error)
+        stats.completed += len(job.requests) - failed
+        stats.failed += failed
+        workload.device_time += job.run_s
+        queue = workload.queue
+        queue.deadline_margin_s = 0.8 * queue.deadline_margin_s + 0.2 * job.run_s
+        if job.oom_size and job.oom_size <= queue.max_batch_size:
+            queue.max_batch_size = max(1, job.oom_size // 2)
+            log.warning("workload %r: out of memory at batch size %d; batches are now at most %d",
+                        workload.name, job.oom_size, queue.max_batch_size)
+        lane: _Lane = job.owner
+        lane.in_flight -= 1
+        costs = [request.cost for request in job.requests]
+        record = BatchRecord(
+            workload=workload.name, device=str(lane.device), size=len(costs), padded_size=job.padded_size,
+            cost=sum(costs), padded_cost=workload.adapter.padded_cost(costs, job.padded_size),
+            max_wait_s=job.waited_s, run_s=job.run_s, failed=failed, retried=job.retried)
+        stats.record_batch(record)
+        self.plugins.batch_finished(record)
+        self._pump(lane)
+        if self._idle is not None and self._quiet():
+            self._idle.set()
+
+    def _new_executor(self, device: torch.device) -> DeviceExecutor:
+        return DeviceExecutor(device, self._job_done)
+
+    # ------------------------------------------------------------------ observing
+    def statistics(self) -> dict[str, dict[str, Any]]:
+        """Per workload: queue depth, in flight, batches, mean batch size and fill, padding waste, wait and run
+        time percentiles (ms), rejections, timeouts, cancellations and failures."""
+        report = {}
+        for name, workload in self._workloads.items():
+            self._collect_cancelled(workload)
+            in_flight = workload.stats.submitted - workload.stats.completed - workload.stats.failed \
+                - workload.stats.timeouts - workload.stats.cancelled - workload.queue.depth
+            report[name] = workload.stats.snapshot(max_batch_size=workload.policy.max_batch_size,
+                                                   queue_depth=workload.queue.depth, in_flight=max(0, in_flight))
+            report[name]["max_batch_size_now"] = workload.queue.max_batch_size
+        return report
+
+    @property
+    def workloads(self) -> dict[str, Workload]:
+        return dict(self._workloads)
+
+
+def _devices(device: str | torch.device | Sequence) -> list[torch.device]:
+    items = [device] if isinstance(device, (str, torch.device)) else list(device)
+    if not items:
+        raise ValueError("device must name at least one device")
+    devices = [torch.device(d) for d in items]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"device lists a device twice: {[str(d) for d in devices]}")
+    return devices
+
+
+def _replicas(name: str, model: Callable | Sequence[Callable], devices: list[torch.device]
+              ) -> dict[torch.device, Callable]:
+    if isinstance(model, Sequence):
+        if len(model) != len(devices):
+            raise ValueError(f"workload {name!r}: {len(model)} models for {len(devices)} devices; give one model "
+                             f"per device or a single torch.nn.Module to copy")
+        return dict(zip(devices, model))
+    if not callable(model):
+        raise TypeError(f"workload {name!r}: model must be callable, got {type(model).__name__}")
+    replicas = {}
+    for index, device in enumerate(devices):
+        replica = model if index == 0 else copy.deepcopy(model)
+        if isinstance(replica, torch.nn.Module):
+            replica = replica.to(device)
+        replicas[device] = replica
+    return replicas
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop | None) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _resolve(request: Request, result: Any) -> None:
+    try:
+        request.waiter.set_result(result)
+    except _INVALID_STATE:  # the caller cancelled meanwhile
+        pass
+
+
+def _fail(request: Request, error: BaseException) -> None:
+    try:
+        request.waiter.set_exception(error)
+    except _INVALID_STATE:
+        pass
