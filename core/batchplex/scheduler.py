@@ -304,10 +304,10 @@ class Scheduler:
         if full:
             for lane in workload.lanes:
                 if lane.in_flight < self.pipeline_depth:
-                    self._pump(lane)
-                    break
-        elif workload.queue.depth == 1 or request.deadline is not None:
-            self._arm(workload, workload.queue.next_event())
+                    self._pump(lane)  # also re-arms the timer
+                    return
+        if full or workload.queue.depth == 1 or request.deadline is not None:
+            self._rearm(workload)
 
     # ------------------------------------------------------------------ batch formation
     def _arm(self, workload: Workload, at: float | None) -> None:
