@@ -10,6 +10,7 @@ import batchplex
 from batchplex import hookspecs
 from batchplex.builtin_adapters import TensorAdapter
 from batchplex.plugins import PluginHost, get_plugin_manager, installed_plugins
+from batchplex.workloads import ExampleWorkload
 
 # Installed editable by the set-up command (tests/sample_plugin): a real distribution with a `batchplex` entry point.
 SAMPLE = "sample"
@@ -150,10 +151,22 @@ async def test_installed_plugin_adapter_runs_in_a_scheduler():
         assert await scheduler.submit("double", 20) == pytest.approx(41.0)
 
 
+def test_example_workloads_are_joined_across_plugins():
+    class Offers:
+        @batchplex.hookimpl
+        def example_workloads(self, device):
+            return [ExampleWorkload(name="extra", adapter="tensor", model=lambda b: b,
+                                    make_request=lambda rng: torch.zeros(2))]
+
+    host = PluginHost(plugins=[Offers()], autoload=False)
+    names = [w.name for w in host.example_workloads(torch.device("cpu"))]
+    assert names == ["mlp", "extra"]
+
+
 def test_every_hook_has_a_docstring_and_a_test():
     hooks = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
              if hasattr(fn, "batchplex_spec")]
-    assert sorted(hooks) == ["batch_finished", "register_adapters"]
+    assert sorted(hooks) == ["batch_finished", "example_workloads", "register_adapters"]
     this_file = inspect.getsource(inspect.getmodule(test_every_hook_has_a_docstring_and_a_test))
     for name in hooks:
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""

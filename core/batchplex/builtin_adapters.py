@@ -16,6 +16,8 @@ from .adapter import Adapter
 from .collate import split_rows, stack_to_device
 from .errors import InvalidRequestError
 from .hookspecs import hookimpl
+from .policy import BatchPolicy
+from .workloads import ExampleWorkload
 
 __all__ = ["TensorAdapter"]
 
@@ -75,3 +77,14 @@ def _first_nonfinite(tensor: torch.Tensor) -> float:
 @hookimpl
 def register_adapters(register: Callable[[Adapter], None]) -> None:
     register(TensorAdapter())
+
+
+@hookimpl
+def example_workloads(device: torch.device) -> list[ExampleWorkload]:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 16))
+    return [ExampleWorkload(
+        name="mlp", adapter="tensor", adapter_options={"shape": (256,), "dtype": torch.float32},
+        model=mlp.to(device).eval(), make_request=lambda rng: torch.randn(256),
+        make_bad_request=lambda rng: torch.randn(rng.choice((255, 257))),
+        policy=BatchPolicy(max_batch_size=64, max_wait_ms=5), description="a 2-layer MLP on 256 features")]

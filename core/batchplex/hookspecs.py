@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import torch
+
     from .adapter import Adapter
     from .metrics import BatchRecord
+    from .workloads import ExampleWorkload
 
 PROJECT = "batchplex"
 
@@ -38,4 +41,13 @@ def batch_finished(record: BatchRecord) -> None:
 
     Called on the event loop thread after the batch's results were handed out, once per batch and per plugin;
     keep it cheap (update counters, never block). Not ``firstresult``; the return value is ignored.
+    """
+
+
+@hookspec
+def example_workloads(device: torch.device) -> list[ExampleWorkload]:
+    """Offer ready-to-run example workloads (a small model with random weights and a request generator).
+
+    Called by ``batchplex demo`` and ``batchplex profile`` when they build their workloads; each plugin returns a
+    list (possibly empty) of `ExampleWorkload` built for ``device``. Not ``firstresult``: the lists are joined.
     """

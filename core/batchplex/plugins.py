@@ -155,6 +155,11 @@ class PluginHost:
         """Adapter name -> name of the plugin that registered it."""
         return {name: owner for name, (_, owner) in sorted(self._adapters.items())}
 
+    def example_workloads(self, device: Any) -> list[Any]:
+        """Every installed plugin's example workloads for ``device``, in registration order."""
+        return [workload for offered in reversed(self.pm.hook.example_workloads(device=device))
+                for workload in offered]
+
     def batch_finished(self, record: Any) -> None:
         if self._batch_observers:
             self.pm.hook.batch_finished(record=record)

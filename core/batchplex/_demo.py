@@ -1,0 +1,144 @@
+"""``batchplex demo``: every installed example workload batched at once in one process, under a generated stream.
+
+Each workload gets an open-loop Poisson stream of requests (a small share of them malformed, to show that bad
+input fails alone); a live table shows queue depths, batch sizes, padding waste and latency while it runs, and a
+summary table is printed at the end. Runs on the first CUDA device when there is one, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import BatchplexError, InvalidRequestError, QueueFullError
+from .metrics import percentile
+from .scheduler import Scheduler
+from .workloads import ExampleWorkload
+
+__all__ = ["run_demo"]
+
+
+@dataclass
+class _Tally:
+    latencies_s: list[float] = field(default_factory=list)
+    ok: int = 0
+    rejected: int = 0
+    busy: int = 0
+    failed: int = 0
+
+
+async def _drive(scheduler: Scheduler, workload: ExampleWorkload, rate: float, until: float, bad_share: float,
+                 tally: _Tally, seed: int) -> None:
+    """Submit requests at ``rate`` per second (Poisson arrivals) until ``until``; record each outcome."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    pending: set[asyncio.Task] = set()
+
+    async def one(item: Any) -> None:
+        started = loop.time()
+        try:
+            await scheduler.submit(workload.name, item)
+        except InvalidRequestError:
+            tally.rejected += 1
+        except QueueFullError:
+            tally.busy += 1
+        except BatchplexError:
+            tally.failed += 1
+        else:
+            tally.ok += 1
+            tally.latencies_s.append(loop.time() - started)
+
+    next_at = loop.time()
+    while next_at < until:
+        bad = workload.make_bad_request is not None and rng.random() < bad_share
+        item = workload.make_bad_request(rng) if bad else workload.make_request(rng)
+        task = asyncio.ensure_future(one(item))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        next_at += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+    await asyncio.gather(*pending)
+
+
+def _rows(scheduler: Scheduler, tallies: dict[str, _Tally]) -> list[list[str]]:
+    rows = []
+    for name, stats in scheduler.statistics().items():
+        tally = tallies[name]
+        latencies = tally.latencies_s[-4096:]
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        rows.append([name, str(stats["queue_depth"]), str(stats["completed"]), f"{stats['mean_batch_size']:.1f}",
+                     f"{100 * stats['padding_waste']:.0f}%", _ms(p50), _ms(p99),
+                     f"{tally.rejected}/{tally.busy}/{tally.failed}"])
+    return rows
+
+
+HEADER = ["workload", "queued", "done", "mean batch", "padding", "p50 ms", "p99 ms", "bad/busy/failed"]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _table(rows: list[list[str]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in HEADER:
+        table.add_column(column, justify="left" if column == "workload" else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float = 0.01, live: bool = True,
+                   device: str | None = None, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the demo; return the scheduler's final statistics (per workload)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scheduler = Scheduler()
+    examples = [w for w in scheduler.plugins.example_workloads(target) if not only or w.name in only]
+    if not examples:
+        raise SystemExit("no example workloads match; `batchplex plugins` lists what is installed")
+    console.print(f"batchplex demo on [bold]{target}[/]: " + ", ".join(
+        f"{w.name} ({w.description or w.adapter})" for w in examples))
+    tallies = {w.name: _Tally() for w in examples}
+    async with scheduler:
+        for example in examples:
+            scheduler.add_workload(example.name, adapter=example.adapter, adapter_options=example.adapter_options,
+                                   model=example.model, policy=example.policy, device=target)
+        rates = {w.name: _rate(w, target) * load for w in examples}
+        loop = asyncio.get_running_loop()
+        until = loop.time() + duration_s
+        drivers = asyncio.gather(*(
+            _drive(scheduler, w, rates[w.name], until, bad_share, tallies[w.name], seed)
+            for seed, w in enumerate(examples)))
+        started = time.monotonic()
+        if live and console.is_terminal:
+            with Live(console=console, refresh_per_second=4) as view:
+                while not drivers.done():
+                    view.update(_table(_rows(scheduler, tallies),
+                                       f"running {time.monotonic() - started:4.0f}s of {duration_s:.0f}s"))
+                    await asyncio.wait([drivers], timeout=0.25)
+        else:
+            while not drivers.done():
+                await asyncio.wait([drivers], timeout=max(1.0, duration_s / 6))
+                console.print(f"  {time.monotonic() - started:5.1f}s: " + ", ".join(
+                    f"{row[0]} {row[2]} done" for row in _rows(scheduler, tallies)))
+        await drivers
+    console.print(_table(_rows(scheduler, tallies), f"batchplex demo summary ({duration_s:.0f}s on {target}, "
+                                                   f"bad/busy/failed = rejected at submit / queue full / failed)"))
+    return scheduler.statistics()
+
+
+def _rate(workload: ExampleWorkload, device: torch.device) -> float:
+    """Requests per second offered to a workload: modest on the CPU, higher on a GPU."""
+    base = workload.policy.max_batch_size / (0.05 if device.type == "cpu" else 0.01)
+    return min(base, 400.0 if device.type == "cpu" else 5000.0)
