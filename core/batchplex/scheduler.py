@@ -25,6 +25,7 @@ import torch
 
 from ._batching import Request, RequestQueue
 from ._executor import BatchJob, DeviceExecutor
+from ._graphs import GraphedModel
 from .adapter import Adapter
 from .errors import (BatchplexError, DeadlineExceeded, InvalidRequestError, RequestTooLargeError,
                      SchedulerClosed, UnknownWorkloadError)
@@ -109,13 +110,16 @@ class Scheduler:
 
     def add_workload(self, name: str, *, adapter: str | Adapter, model: Callable | Sequence[Callable],
                      policy: BatchPolicy | None = None, device: str | torch.device | Sequence = "cpu",
-                     adapter_options: dict[str, Any] | None = None, weight: float = 1.0) -> Workload:
+                     adapter_options: dict[str, Any] | None = None, weight: float = 1.0,
+                     cuda_graphs: bool = False) -> Workload:
         """Add a workload: requests submitted under ``name`` are prepared and collated by ``adapter`` and run by
         ``model`` on ``device`` (a list of devices places one replica on each: a module is deep-copied and moved,
         or pass one model per device).
 
         ``adapter`` is a registered adapter's name (configured with ``adapter_options``) or an adapter instance.
-        ``weight`` scales the workload's fair share of a device shared with other workloads.
+        ``weight`` scales the workload's fair share of a device shared with other workloads. ``cuda_graphs``
+        captures the model once per input shape on CUDA devices and replays it (pair it with
+        ``preferred_batch_sizes``); where a model cannot be captured, or on the CPU, it runs eagerly.
         """
         if name in self._workloads:
             raise ValueError(f"a workload named {name!r} exists already")
@@ -129,7 +133,14 @@ class Scheduler:
             raise TypeError(f"workload {name!r}: adapter must be an Adapter or a registered adapter's name, "
                             f"got {type(adapter).__name__}")
         devices = _devices(device)
-        workload = Workload(name, adapter, _replicas(name, model, devices), policy or BatchPolicy(), weight)
+        models = _replicas(name, model, devices)
+        if cuda_graphs:
+            for dev in devices:
+                models[dev] = GraphedModel(models[dev], dev, name)
+                if models[dev].disabled_reason:
+                    log.warning("workload %r: cuda_graphs ignored on %s (%s)", name, dev,
+                                models[dev].disabled_reason)
+        workload = Workload(name, adapter, models, policy or BatchPolicy(), weight)
         for dev in devices:
             lane = self._lanes.get(dev)
             if lane is None:

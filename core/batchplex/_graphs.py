@@ -1,0 +1,101 @@
+"""CUDA graphs for fixed batch shapes (opt-in): capture a model once per input shape, replay it afterwards.
+
+A replayed graph launches the whole forward pass as one unit, which removes the per-kernel launch cost that
+dominates small batches (ResNet-50 at batch 1 on an H200: 3.3 ms eager, 0.9 ms replayed). Graphs need static
+shapes, so they pay off with ``preferred_batch_sizes`` (every batch padded up to one of a few sizes).
+
+Each distinct input signature (shapes and dtypes of every input tensor) gets one graph, up to ``max_graphs``;
+later signatures run eagerly. A model that cannot be captured (host syncs, data-dependent control flow, CPU
+tensors) runs eagerly from then on, and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .collate import map_tensors
+
+__all__ = ["GraphedModel"]
+
+log = logging.getLogger("batchplex")
+
+
+def _signature(inputs: Any) -> tuple:
+    parts: list[tuple] = []
+    map_tensors(lambda t: parts.append((tuple(t.shape), t.dtype, t.device)), inputs)
+    return tuple(parts)
+
+
+class GraphedModel:
+    """Wraps ``model`` for one CUDA device: replays a captured graph per input signature, eager otherwise."""
+
+    def __init__(self, model: Callable[[Any], Any], device: torch.device, name: str = "", max_graphs: int = 8,
+                 warmup: int = 3) -> None:
+        self.model = model
+        self.device = device
+        self.name = name
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.disabled_reason: str | None = None if device.type == "cuda" else f"device {device} is not CUDA"
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any, Any]] = {}
+        self._pool = None
+
+    @property
+    def captured_signatures(self) -> list[tuple]:
+        return list(self._graphs)
+
+    def __call__(self, inputs: Any) -> Any:
+        if self.disabled_reason is not None:
+            return self.model(inputs)
+        signature = _signature(inputs)
+        entry = self._graphs.get(signature)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.model(inputs)
+            entry = self._capture(signature, inputs)
+            if entry is None:
+                return self.model(inputs)
+        graph, static_inputs, static_output = entry
+        _copy_into(static_inputs, inputs)
+        graph.replay()
+        # the next replay overwrites static_output: hand out a copy, ordered on the same stream
+        return map_tensors(torch.Tensor.clone, static_output)
+
+    def _capture(self, signature: tuple, inputs: Any) -> tuple | None:
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            static_inputs = map_tensors(torch.Tensor.clone, inputs)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.model(static_inputs)
+            stream.wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                static_output = self.model(static_inputs)
+            stream.wait_stream(side)
+        except Exception as error:  # any capture failure: run eagerly from now on, say why once
+            self.disabled_reason = f"{type(error).__name__}: {error}"
+            log.warning("workload %r: CUDA graph capture failed, running eagerly (%s)", self.name,
+                        self.disabled_reason)
+            torch.cuda.synchronize(self.device)
+            return None
+        self._graphs[signature] = (graph, static_inputs, static_output)
+        log.info("workload %r: captured a CUDA graph for input signature %s", self.name, signature)
+        return graph, static_inputs, static_output
+
+
+def _copy_into(static: Any, fresh: Any) -> None:
+    static_tensors: list[torch.Tensor] = []
+    map_tensors(static_tensors.append, static)
+    fresh_tensors: list[torch.Tensor] = []
+    map_tensors(fresh_tensors.append, fresh)
+    for target, source in zip(static_tensors, fresh_tensors):
+        target.copy_(source, non_blocking=True)

@@ -1,0 +1,51 @@
+"""CUDA graphs (opt-in): replayed results equal eager ones; where capture is impossible, eager with a reason."""
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from batchplex import BatchPolicy, Scheduler
+from batchplex._graphs import GraphedModel
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+
+
+async def test_graphed_workload_gives_the_eager_results(device, caplog):
+    net = model().to(device)
+    caplog.set_level(logging.WARNING, logger="batchplex")
+    async with Scheduler(autoload=False) as scheduler:
+        workload = scheduler.add_workload(
+            "g", adapter="tensor", model=net, device=device, cuda_graphs=True,
+            policy=BatchPolicy(max_batch_size=8, max_wait_ms=2, preferred_batch_sizes=(1, 4, 8)))
+        xs = [torch.randn(8) for _ in range(37)]
+        for _ in range(2):  # the second round replays graphs captured in the first
+            ys = await asyncio.gather(*(scheduler.submit("g", x) for x in xs))
+            with torch.inference_mode():
+                expected = net(torch.stack(xs).to(device)).cpu()
+            torch.testing.assert_close(torch.stack(ys).cpu(), expected, rtol=1e-4, atol=1e-5)
+    graphed = workload.models[torch.device(device)]
+    if device.type == "cuda":
+        assert graphed.disabled_reason is None
+        assert {sig[0][0][0] for sig in graphed.captured_signatures} <= {1, 4, 8}
+        assert graphed.captured_signatures
+    else:
+        assert "not CUDA" in graphed.disabled_reason
+        assert "cuda_graphs ignored" in caplog.text
+
+
+@pytest.mark.gpu
+def test_a_model_that_cannot_be_captured_runs_eagerly_with_a_logged_reason(caplog):
+    def syncing(batch):
+        return batch * float(batch.sum().item())  # .item() syncs the host: illegal during capture
+
+    graphed = GraphedModel(syncing, torch.device("cuda"), "sync")
+    caplog.set_level(logging.WARNING, logger="batchplex")
+    x = torch.ones(4, device="cuda")
+    torch.testing.assert_close(graphed(x), syncing(x))
+    assert graphed.disabled_reason and "capture failed" in caplog.text
+    torch.testing.assert_close(graphed(x), syncing(x))
