@@ -177,8 +177,18 @@ def test_lowered_batch_limit_applies_to_the_next_batches():
     queue = RequestQueue(BatchPolicy(max_batch_size=8, max_wait_ms=1))
     for i in range(8):
         make(queue, 0.0, label=i)
-    queue.max_batch_size = 3
+    queue.memory_cap = 3
     assert labels(queue.take(1 * MS)) == [0, 1, 2]
+    queue.max_batch_size, queue.memory_cap = 2, 8  # a tuner's target below the cap wins too
+    assert labels(queue.take(1 * MS)) == [3, 4]
+
+
+def test_a_tuned_wait_replaces_the_policy_wait():
+    queue = RequestQueue(BatchPolicy(max_batch_size=8, max_wait_ms=10))
+    queue.max_wait_s = 2 * MS
+    make(queue, 0.0)
+    assert queue.next_event() == pytest.approx(2 * MS)
+    assert queue.ready(2 * MS)
 
 
 def test_drain_returns_every_live_request():

@@ -66,12 +66,20 @@ class RequestQueue:
     def __init__(self, policy: BatchPolicy, workload: str = "") -> None:
         self.policy = policy
         self.workload = workload
-        self.max_batch_size = policy.max_batch_size  # lowered by the scheduler after out-of-memory errors
+        # Live knobs, starting from the policy: an online tuner may move both; out-of-memory errors lower the cap.
+        self.max_batch_size = policy.max_batch_size
+        self.max_wait_s = policy.max_wait_s
+        self.memory_cap = policy.max_batch_size
         self.deadline_margin_s = 0.0  # expected run time of a batch: leave early enough to meet deadlines
         self._buckets = [_Bucket(policy.priority_levels) for _ in range(policy.bucket_count)]
         self._deadlines: list[tuple[float, int, Request]] = []
         self.depth = 0
         self.cancelled_seen = 0
+
+    @property
+    def batch_limit(self) -> int:
+        """The most requests the next batch may hold: the current target, never above the memory cap."""
+        return max(1, min(self.max_batch_size, self.memory_cap))
 
     # ---------------------------------------------------------------- arrivals
     def push(self, request: Request) -> bool:
@@ -101,7 +109,7 @@ class RequestQueue:
         return self._full(bucket)
 
     def _full(self, bucket: _Bucket) -> bool:
-        if bucket.live >= self.max_batch_size:
+        if bucket.live >= self.batch_limit:
             return True
         budget = self.policy.max_batch_cost
         return budget is not None and self.policy.padded_size(bucket.live) * bucket.max_cost >= budget
@@ -123,7 +131,7 @@ class RequestQueue:
         """The earliest time a bucket becomes ready or a deadline expires; None when nothing is queued."""
         if not self.depth:
             return None
-        wait = self.policy.max_wait_s
+        wait = self.max_wait_s
         event = math.inf
         for bucket in self._buckets:
             head = self._oldest(bucket)
@@ -149,7 +157,7 @@ class RequestQueue:
         return batch
 
     def _pick_bucket(self, now: float, force: bool) -> _Bucket | None:
-        wait = self.policy.max_wait_s
+        wait = self.max_wait_s
         deadline = self.tightest_deadline()
         urgent_bucket = -1
         if deadline is not None and deadline - self.deadline_margin_s <= now:
@@ -166,7 +174,7 @@ class RequestQueue:
         return best
 
     def _take_from(self, bucket: _Bucket, now: float) -> list[Request]:
-        limit = self.max_batch_size
+        limit = self.batch_limit
         budget = self.policy.max_batch_cost
         aging = self.policy.priority_aging_ms / 1000.0
         single_level = len(bucket.levels) == 1

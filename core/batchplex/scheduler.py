@@ -407,10 +407,10 @@ class Scheduler:
         workload.device_time += job.run_s
         queue = workload.queue
         queue.deadline_margin_s = 0.8 * queue.deadline_margin_s + 0.2 * job.run_s
-        if job.oom_size and job.oom_size <= queue.max_batch_size:
-            queue.max_batch_size = max(1, job.oom_size // 2)
+        if job.oom_size and job.oom_size <= queue.batch_limit:
+            queue.memory_cap = max(1, job.oom_size // 2)
             log.warning("workload %r: out of memory at batch size %d; batches are now at most %d",
-                        workload.name, job.oom_size, queue.max_batch_size)
+                        workload.name, job.oom_size, queue.memory_cap)
         lane: _Lane = job.owner
         lane.in_flight -= 1
         costs = [request.cost for request in job.requests]
@@ -438,7 +438,8 @@ class Scheduler:
                 - workload.stats.timeouts - workload.stats.cancelled - workload.queue.depth
             report[name] = workload.stats.snapshot(max_batch_size=workload.policy.max_batch_size,
                                                    queue_depth=workload.queue.depth, in_flight=max(0, in_flight))
-            report[name]["max_batch_size_now"] = workload.queue.max_batch_size
+            report[name]["max_batch_size_now"] = workload.queue.batch_limit
+            report[name]["max_wait_ms_now"] = workload.queue.max_wait_s * 1000.0
         return report
 
     @property
