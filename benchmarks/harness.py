@@ -1,0 +1,136 @@
+"""Shared measurement code for batchplex's benchmarks: model-only ceilings, saturating and open-loop load,
+and the machine description every result file carries.
+
+Timings on a GPU synchronise the device before reading the host clock; latencies are end to end (submit to
+result, as the caller sees them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, str]:
+    """The card (or CPU), software versions, the command line and the date: stamped on every result."""
+    if torch.cuda.is_available():
+        card = torch.cuda.get_device_name(0)
+    else:
+        card = _cpu_name()
+    return {"machine": card, "cpus": str(os.cpu_count()), "python": platform.python_version(),
+            "torch": torch.__version__, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU: " + (platform.processor() or "unknown")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_only(run: Callable[[], Any], items_per_call: int, device: torch.device, *, warmup: int = 5,
+               repeats: int = 30) -> dict[str, float]:
+    """Throughput of ``run()`` alone (inputs already on the device): items/s and median ms per call."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        synchronize(device)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {"items_per_s": items_per_call / median, "ms_per_call": median * 1000}
+
+
+async def saturate(scheduler: Any, workload: str, make_request: Callable[[random.Random], Any], *,
+                   concurrency: int, duration_s: float, items_per_request: int = 1) -> dict[str, float]:
+    """Closed loop: ``concurrency`` submitters each await a result and submit again, for ``duration_s``."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(0)
+    pool = [make_request(rng) for _ in range(min(256, concurrency * 2))]
+    done = 0
+    stop = loop.time() + duration_s
+
+    async def submitter(offset: int) -> None:
+        nonlocal done
+        index = offset
+        while loop.time() < stop:
+            await scheduler.submit(workload, pool[index % len(pool)])
+            index += concurrency
+            done += 1
+
+    started = loop.time()
+    cpu_started = time.process_time()
+    await asyncio.gather(*(submitter(i) for i in range(concurrency)))
+    elapsed = loop.time() - started
+    return {"items_per_s": done * items_per_request / elapsed, "requests": done,
+            "cpu_us_per_request": (time.process_time() - cpu_started) / max(done, 1) * 1e6}
+
+
+async def open_loop(scheduler: Any, workload: str, make_request: Callable[[random.Random], Any], *, rate: float,
+                    duration_s: float) -> dict[str, float]:
+    """Poisson arrivals at ``rate`` requests/s for ``duration_s``: p50/p99 end-to-end latency in ms."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(1)
+    pool = [make_request(rng) for _ in range(256)]
+    latencies: list[float] = []
+
+    async def one(item: Any) -> None:
+        started = loop.time()
+        await scheduler.submit(workload, item)
+        latencies.append(loop.time() - started)
+
+    tasks = []
+    next_at = loop.time()
+    stop = next_at + duration_s
+    index = 0
+    while next_at < stop:
+        tasks.append(asyncio.ensure_future(one(pool[index % len(pool)])))
+        index += 1
+        next_at += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+    await asyncio.gather(*tasks)
+    ordered = sorted(latencies)
+    return {"rate": rate, "requests": len(ordered),
+            "p50_ms": ordered[len(ordered) // 2] * 1000,
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000}
+
+
+def write_results(stem: str, payload: dict[str, Any], table: list[list[str]], header: list[str]) -> Path:
+    """Write ``<stem>.json`` and ``<stem>.md`` (a table stamped with the machine) under benchmarks/results."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = machine()
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": stamp, **payload}, indent=2, default=str))
+    lines = [f"# {stem}", "", f"- machine: {stamp['machine']} ({stamp['cpus']} CPUs), Python {stamp['python']}, "
+             f"torch {stamp['torch']}", f"- command: `{stamp['command']}`", f"- date: {stamp['date']}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    path = RESULTS / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
