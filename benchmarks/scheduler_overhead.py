@@ -1,19 +1,26 @@
 """Scheduler overhead: requests/s and CPU microseconds per request with a no-op model, batchplex against peers.
 
 Every system batches the same requests (a 1-element float32 tensor each) for the same no-op model, with the same
-maximum batch size and maximum wait, under closed-loop load: N submitter coroutines on one asyncio event loop,
-each awaiting its own result before it submits again. A point is (system, N); each point runs on a fresh event
-loop: warm-up, then a measured window of fixed length. Reported per point (median of ``--repeats`` runs):
+maximum batch size and maximum wait, under closed-loop load: N submitter coroutines on one asyncio event loop
+(asyncio's default loop), each awaiting its own result before it submits again. A point is (system, N); each
+point runs on a fresh event loop: warm-up, then a measured window of fixed length. Reported per point (median of
+``--repeats`` runs):
 
 * requests/s completed in the window;
 * CPU microseconds per request: process CPU time (``time.process_time``, every thread) over the window divided by
-  the requests completed in it; and wall microseconds per request (the window's length over the same count).
+  the requests completed in it, split per thread from /proc (event loop vs batchplex's executor threads); and
+  wall microseconds per request (the window's length over the same count).
 
 Systems (one row each):
 
-* ``batchplex``: ``async with Scheduler(autoload=False)``, the built-in ``tensor`` adapter (shape (1,), float32),
-  ``BatchPolicy(max_batch_size, max_wait_ms)``, ``await s.submit(...)``. The model runs on the scheduler's device
-  executor threads; collation stacks the requests, the model returns its input, ``split`` returns one row each.
+* ``batchplex``: ``async with Scheduler(autoload=False)``, the built-in ``tensor`` adapter (shape (1,), float32,
+  ``allow_nonfinite=True``: like the peers, it does not scan the values), ``BatchPolicy(max_batch_size,
+  max_wait_ms)``, ``await s.submit(...)``. Collation, the model and ``split`` run on the scheduler's executor
+  threads: ``torch.stack`` of the requests, the model returns its input, one row per request.
+* ``batchplex-nan-check``: the same with the adapter's default ``allow_nonfinite=False`` (each request's values
+  are scanned for NaN/inf at submit).
+* ``batchplex-idle-dispatch``: ``BatchPolicy(dispatch_when_idle=True)``: while the device is idle a batch leaves
+  at once instead of waiting ``max_wait_ms`` (batches still form while it is busy).
 * ``ray-serve-batch``: Ray Serve's ``@serve.batch`` on an ``async def`` method of a plain class, on this loop.
   ``@serve.batch`` refuses to build its queue outside a replica (it reads the replica context), so the harness
   sets a stand-in replica context the way Ray's own unit tests do; no Ray cluster is started (no ``ray.init``).
@@ -22,17 +29,20 @@ Systems (one row each):
 * ``batched``: the PyPI library ``batched`` (``batched.aio.dynamically(batch_size=..., timeout_ms=...)``) around
   an ``async def`` batch function, awaited once per request.
 * ``seed-dynamic-batcher``: the chapter's ``DynamicBatcher`` (``benchmarks/peers/seed_dynamic_batcher.py``).
+* ``inline-floor`` (reference, not a peer): the least an asyncio batcher can do
+  (``benchmarks/peers/inline_floor.py``).
 
 The peers' batch function does the same work as batchplex's adapter and model: ``torch.stack`` the requests,
 the model returns its input, ``unbind`` into one row per request (with ``--device cuda``: to the device and back).
-The peers run it inline on the event loop, which is each library's own way for an ``async def`` batch function
-(the seed batcher calls the model inline by design); for a no-op model that is the cheapest placement there is.
+They run it inline on the event loop, each library's own way for an ``async def`` batch function (the seed
+batcher calls the model inline by design); for a no-op model that is the cheapest placement there is.
 
-Correctness is checked for every system: submitter ``s`` cycles through its own ``K`` payloads with the unique
-values ``s*K + j``; after the run, every result it received is compared with what it sent (results are kept in
-the window and checked afterwards, so the check costs the measured window one list append per request).
+Correctness is checked for every system: submitter ``s`` cycles through its own payloads with the unique values
+``s*K + j``; after the run, every result it received is compared with what it sent, and the number of results
+with the number of requests (results are kept during the run and checked afterwards, so the check costs the
+measured window one list append per request).
 
-    python benchmarks/scheduler_overhead.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/scheduler_overhead.py            # about 4 minutes on 2 CPU cores
     python benchmarks/scheduler_overhead.py --quick    # about 30 s
     python benchmarks/scheduler_overhead.py --profile 64 --profile 1024   # cProfile batchplex at those loads
 """
@@ -43,15 +53,17 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import datetime
+import functools
 import gc
+import importlib
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
@@ -62,6 +74,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import RESULTS, machine  # noqa: E402
+from peers.inline_floor import InlineFloorBatcher  # noqa: E402
 from peers.seed_dynamic_batcher import DynamicBatcher  # noqa: E402
 
 import batchplex  # noqa: E402
@@ -69,6 +83,7 @@ from batchplex import BatchPolicy, Scheduler  # noqa: E402
 
 PAYLOADS_PER_SUBMITTER = 4
 BATCHPLEX = "batchplex"
+FLOOR = "inline-floor"
 Submit = Callable[[torch.Tensor], Awaitable[torch.Tensor]]
 
 
@@ -86,37 +101,29 @@ def peer_batch_function(device: torch.device) -> Callable[[list[torch.Tensor]], 
 
 # ---------------------------------------------------------------------------------------------------- systems
 @contextlib.asynccontextmanager
-async def batchplex_system(args: argparse.Namespace) -> AsyncIterator[Submit]:
+async def batchplex_system(args: argparse.Namespace, scan_values: bool = False,
+                           dispatch_when_idle: bool = False) -> AsyncIterator[Submit]:
     async with Scheduler(autoload=False) as scheduler:
         scheduler.add_workload(
-            "noop", adapter="tensor", adapter_options={"shape": (1,), "dtype": torch.float32}, model=noop_model,
-            policy=BatchPolicy(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms),
-            device=args.device)
-
-        async def submit(item: torch.Tensor) -> torch.Tensor:
-            return await scheduler.submit("noop", item)
-
-        yield submit
-
-
-_RAY_CONTEXT_SET = False
+            "noop", adapter="tensor", model=noop_model, device=args.device,
+            adapter_options={"shape": (1,), "dtype": torch.float32, "allow_nonfinite": not scan_values},
+            policy=BatchPolicy(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                               dispatch_when_idle=dispatch_when_idle))
+        yield functools.partial(scheduler.submit, "noop")
 
 
 def _ray_standin_replica_context() -> None:
     """``@serve.batch`` reads the replica context when it builds its queue; outside a Serve replica there is
     none, so set a stand-in (as Ray's own tests do). Nothing here starts Ray."""
-    global _RAY_CONTEXT_SET
-    if _RAY_CONTEXT_SET:
-        return
     import ray.serve.context
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve._private.config import DeploymentConfig
 
-    ray.serve.context._set_internal_replica_context(
-        replica_id=ReplicaID("overhead", deployment_id=DeploymentID(name="overhead", app_name="bench")),
-        servable_object=None, _deployment_config=DeploymentConfig(max_ongoing_requests=1 << 16), rank=0,
-        world_size=1)
-    _RAY_CONTEXT_SET = True
+    if ray.serve.context._get_internal_replica_context() is None:
+        ray.serve.context._set_internal_replica_context(
+            replica_id=ReplicaID("overhead", deployment_id=DeploymentID(name="overhead", app_name="bench")),
+            servable_object=None, _deployment_config=DeploymentConfig(max_ongoing_requests=1 << 16), rank=0,
+            world_size=1)
 
 
 @contextlib.asynccontextmanager
@@ -131,9 +138,8 @@ async def ray_serve_system(args: argparse.Namespace) -> AsyncIterator[Submit]:
         async def __call__(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
             return run_batch(items)
 
-    model = Model()
     try:
-        yield model.__call__
+        yield Model().__call__
     finally:
         queue = Model.__call__._get_max_batch_size.__self__._queue  # the lazily built _BatchQueue
         if queue is not None:
@@ -164,15 +170,52 @@ async def seed_system(args: argparse.Namespace) -> AsyncIterator[Submit]:
     yield batcher.add_request
 
 
+@contextlib.asynccontextmanager
+async def floor_system(args: argparse.Namespace) -> AsyncIterator[Submit]:
+    batcher = InlineFloorBatcher(peer_batch_function(torch.device(args.device)), args.max_batch_size,
+                                 args.max_wait_ms)
+    yield batcher.submit
+
+
 SYSTEMS: dict[str, Callable[[argparse.Namespace], contextlib.AbstractAsyncContextManager[Submit]]] = {
     BATCHPLEX: batchplex_system,
+    "batchplex-nan-check": functools.partial(batchplex_system, scan_values=True),
+    "batchplex-idle-dispatch": functools.partial(batchplex_system, dispatch_when_idle=True),
     "ray-serve-batch": ray_serve_system,
     "batched": batched_system,
     "seed-dynamic-batcher": seed_system,
+    FLOOR: floor_system,
 }
+PEERS = ("ray-serve-batch", "batched", "seed-dynamic-batcher")
+REQUIRES = {"ray-serve-batch": "ray.serve", "batched": "batched"}
+
+
+def available(system: str) -> bool:
+    """False for a peer whose library is not installed here (it is left out of the run and the report says so)."""
+    module = REQUIRES.get(system)
+    if module is None:
+        return True
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- one point
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each thread of this process, by thread name (Linux /proc; empty elsewhere)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                used[names.get(int(tid), f"thread-{tid}")] = (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
 async def measure_point(system: str, submitters: int, args: argparse.Namespace,
                         profiler: cProfile.Profile | None = None) -> dict[str, Any]:
     """Closed-loop load from ``submitters`` coroutines: warm up, measure a window, stop, check every result."""
@@ -199,9 +242,9 @@ async def measure_point(system: str, submitters: int, args: argparse.Namespace,
         await asyncio.sleep(args.warmup_s)
         if profiler is not None:
             profiler.enable()
-        count0, cpu0, wall0 = done[0], time.process_time(), time.perf_counter()
+        threads0, count0, cpu0, wall0 = thread_cpu_s(), done[0], time.process_time(), time.perf_counter()
         await asyncio.sleep(args.duration_s)
-        count1, cpu1, wall1 = done[0], time.process_time(), time.perf_counter()
+        count1, cpu1, wall1, threads1 = done[0], time.process_time(), time.perf_counter(), thread_cpu_s()
         if profiler is not None:
             profiler.disable()
         running[0] = False
@@ -213,9 +256,12 @@ async def measure_point(system: str, submitters: int, args: argparse.Namespace,
     check_results(system, submitters, sent, received, done[0])
     requests = count1 - count0
     wall = wall1 - wall0
+    per_thread = {name: round((used - threads0.get(name, 0.0)) / requests * 1e6, 2)
+                  for name, used in threads1.items() if used - threads0.get(name, 0.0) > 0}
     return {"system": system, "submitters": submitters, "requests": requests, "wall_s": wall,
             "cpu_s": cpu1 - cpu0, "req_per_s": requests / wall, "cpu_us_per_req": (cpu1 - cpu0) / requests * 1e6,
-            "wall_us_per_req": wall / requests * 1e6, "checked_results": done[0]}
+            "wall_us_per_req": wall / requests * 1e6, "cpu_us_per_req_by_thread": per_thread,
+            "checked_results": done[0]}
 
 
 def check_results(system: str, submitters: int, sent: list[list[int]], received: list[list[torch.Tensor]],
@@ -246,21 +292,23 @@ def run_point(system: str, submitters: int, args: argparse.Namespace,
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def core_revision() -> str:
+    """The commit the measured core comes from, marked when core/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "core"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted core changes" if dirty else "")
 
 
 def summarize(runs: list[dict[str, Any]], systems: list[str], loads: list[int]) -> dict[str, Any]:
@@ -271,8 +319,10 @@ def summarize(runs: list[dict[str, Any]], systems: list[str], loads: list[int]) 
             medians.setdefault(system, {})[str(n)] = {
                 key: statistics.median(r[key] for r in mine)
                 for key in ("req_per_s", "cpu_us_per_req", "wall_us_per_req")}
+            medians[system][str(n)]["loop_cpu_us_per_req"] = statistics.median(
+                r["cpu_us_per_req_by_thread"].get("MainThread", 0.0) for r in mine)
     ratios = {}
-    peers = [s for s in systems if s != BATCHPLEX]
+    peers = [s for s in systems if s in PEERS]
     if BATCHPLEX in systems and peers:
         for n in loads:
             key = str(n)
@@ -287,37 +337,39 @@ def summarize(runs: list[dict[str, Any]], systems: list[str], loads: list[int]) 
                 "meets_3x": ours["req_per_s"] >= 3 * medians[best][key]["req_per_s"],
                 "meets_10us": ours["cpu_us_per_req"] < 10.0,
             }
-    return {"medians": medians, "batchplex_vs_peers": ratios}
+    return {"medians": medians, "batchplex_vs_best_peer": ratios}
 
 
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
-    meta, medians, ratios = report["machine"], report["summary"]["medians"], report["summary"]["batchplex_vs_peers"]
-    loads = report["config"]["submitters"]
+    stamp, config = report["machine"], report["config"]
+    medians, ratios = report["summary"]["medians"], report["summary"]["batchplex_vs_best_peer"]
+    loads = config["submitters"]
     lines = [
         "# Scheduler overhead, no-op model",
         "",
-        f"- Machine: {meta['cpu']} ({meta['cpu_count']} CPUs), device `{report['config']['device']}`"
-        + (f" ({meta['gpu']})" if meta.get("gpu") else ""),
-        f"- Python {meta['python']}, torch {meta['torch']}, batchplex {meta['batchplex']}, "
-        f"ray {meta['ray']}, batched {meta['batched']}; asyncio's default event loop",
-        f"- Command: `{report['command']}`",
-        f"- Date: {report['date']}",
-        f"- Closed loop, max batch size {report['config']['max_batch_size']}, max wait "
-        f"{report['config']['max_wait_ms']} ms, warm-up {report['config']['warmup_s']} s, window "
-        f"{report['config']['duration_s']} s, median of {report['config']['repeats']} runs; every result checked "
-        "against what its submitter sent.",
+        f"- Machine: {stamp['machine']} ({stamp['cpus']} CPUs), device `{config['device']}`; load average "
+        f"{report['load_average'][0]:.2f} before, {report['load_average'][1]:.2f} after (other work shared the "
+        "machine when above ~0)",
+        f"- Python {stamp['python']}, torch {stamp['torch']}, batchplex {report['versions']['batchplex']} "
+        f"(commit {report['versions']['core_commit']}), ray {report['versions']['ray']}, batched "
+        f"{report['versions']['batched']}; asyncio's default event loop",
+        f"- Command: `{stamp['command']}`",
+        f"- Date: {stamp['date']}",
+        f"- Closed loop, max batch size {config['max_batch_size']}, max wait {config['max_wait_ms']} ms, warm-up "
+        f"{config['warmup_s']} s, window {config['duration_s']} s, median of {config['repeats']} runs; every "
+        "result checked against what its submitter sent.",
         "",
-        "| system | submitters | req/s | CPU µs/req | wall µs/req |",
-        "|---|---:|---:|---:|---:|",
+        "| system | submitters | req/s | CPU µs/req | of which event-loop thread | wall µs/req |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for system, by_load in medians.items():
         for n in loads:
             m = by_load[str(n)]
             lines.append(f"| {system} | {n} | {m['req_per_s']:,.0f} | {m['cpu_us_per_req']:.1f} | "
-                         f"{m['wall_us_per_req']:.1f} |")
+                         f"{m['loop_cpu_us_per_req']:.1f} | {m['wall_us_per_req']:.1f} |")
     if ratios:
-        lines += ["", "| submitters | batchplex / best peer, req/s | best peer | batchplex CPU µs/req "
-                  "| leanest peer CPU µs/req | >= 3x | < 10 µs |", "|---:|---:|---|---:|---:|:-:|:-:|"]
+        lines += ["", "| submitters | batchplex req/s / best peer's | best peer | batchplex CPU µs/req | "
+                  "leanest peer CPU µs/req | >= 3x | < 10 µs |", "|---:|---:|---|---:|---:|:-:|:-:|"]
         for n in loads:
             r = ratios[str(n)]
             lines.append(
@@ -325,12 +377,18 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
                 f"{medians[BATCHPLEX][str(n)]['cpu_us_per_req']:.1f} | "
                 f"{medians[r['leanest_peer']][str(n)]['cpu_us_per_req']:.1f} ({r['leanest_peer']}) | "
                 f"{'yes' if r['meets_3x'] else 'no'} | {'yes' if r['meets_10us'] else 'no'} |")
+    if config["left_out"]:
+        lines += ["", f"Left out (library not installed on this machine): {', '.join(config['left_out'])}."]
     lines += ["", "Notes: " + report["notes"], ""]
     path.write_text("\n".join(lines))
 
 
 def write_chart(path: Path, report: dict[str, Any]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,21 +397,23 @@ def write_chart(path: Path, report: dict[str, Any]) -> None:
     loads = report["config"]["submitters"]
     systems = list(medians)
     width = 0.8 / len(systems)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key, label in ((axes[0], "req_per_s", "requests / s (higher is better)"),
                            (axes[1], "cpu_us_per_req", "CPU µs / request (lower is better)")):
         for i, system in enumerate(systems):
             values = [medians[system][str(n)][key] for n in loads]
             xs = [x + (i - (len(systems) - 1) / 2) * width for x in range(len(loads))]
-            ax.bar(xs, values, width, label=system)
-        ax.set_xticks(range(len(loads)), [f"{n} submitters" for n in loads])
+            ax.bar(xs, values, width, label=system, hatch="//" if system == FLOOR else None,
+                   edgecolor="black" if system == FLOOR else None, linewidth=0.5)
+        ax.set_xticks(range(len(loads)), [f"{n} submitter{'s' if n != 1 else ''}" for n in loads])
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3, which="both")
     axes[1].axhline(10, color="black", linestyle="--", linewidth=1, label="10 µs target")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"Scheduler overhead, no-op model, batch {report['config']['max_batch_size']}, "
-                 f"{report['machine']['cpu']} ({report['config']['device']})", fontsize=10)
+    fig.suptitle(f"Scheduler overhead, no-op model, max batch {report['config']['max_batch_size']}, max wait "
+                 f"{report['config']['max_wait_ms']} ms: {report['machine']['machine']} ({report['config']['device']})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -363,7 +423,11 @@ NOTES = (
     "Ray Serve is measured on its @serve.batch path only, in this process, without ray.init (a stand-in replica "
     "context lets @serve.batch build its queue); a deployment adds Ray's proxy, routing and actor calls. "
     "The peers run the batch function inline on the event loop; batchplex runs collate, model and split on its "
-    "executor threads. CPU time is the whole process's (all threads) over the window."
+    "executor threads. CPU time is the whole process's (all threads) over the window; the event-loop thread's "
+    "share comes from /proc (10 ms ticks: coarse at 1 submitter). `inline-floor` is a "
+    "reference (the least an asyncio batcher can do), not a peer; `batchplex-nan-check` is batchplex with the "
+    "tensor adapter's default NaN/inf scan at submit, which the peers do not do. The best peer is the fastest of "
+    "ray-serve-batch, batched and seed-dynamic-batcher at each load."
 )
 
 
@@ -377,16 +441,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--warmup-s", type=float, default=0.5)
-    parser.add_argument("--duration-s", type=float, default=2.0)
+    parser.add_argument("--duration-s", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one run per point, short windows (about 30 s)")
     parser.add_argument("--profile", type=int, action="append", metavar="SUBMITTERS",
                         help="instead of the comparison, cProfile batchplex's event-loop thread at this load")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
-                        / "scheduler-overhead-cpu.json", help="JSON path; the .md and .png go next to it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "scheduler-overhead-cpu.json",
+                        help="JSON path; the .md and .png go next to it")
     args = parser.parse_args(argv)
     if args.quick:
-        args.warmup_s, args.duration_s, args.repeats = 0.3, 0.6, 1
+        args.warmup_s, args.duration_s, args.repeats = 0.3, 0.5, 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
     return args
@@ -398,13 +462,12 @@ def profile(args: argparse.Namespace) -> None:
         profiler = cProfile.Profile()
         point = run_point(BATCHPLEX, n, args, profiler)
         text = io.StringIO()
-        stats = pstats.Stats(profiler, stream=text)
-        stats.sort_stats("tottime").print_stats(40)
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
         path = args.out.with_name(f"{args.out.stem}-profile-{n}.txt")
-        path.write_text(f"# {' '.join(sys.argv)}\n# {point}\n# loop-thread profile (cProfile), sorted by tottime"
-                        f"\n{text.getvalue()}")
-        print(f"{n} submitters under cProfile: {point['req_per_s']:,.0f} req/s, "
-              f"{point['cpu_us_per_req']:.1f} CPU us/req -> {path}")
+        path.write_text(f"# {machine()['command']}\n# {json.dumps(point)}\n"
+                        f"# event-loop thread under cProfile (which slows it), sorted by own time\n{text.getvalue()}")
+        print(f"{n} submitters under cProfile: {point['req_per_s']:,.0f} req/s, {point['cpu_us_per_req']:.1f} "
+              f"CPU us/req, by thread {point['cpu_us_per_req_by_thread']} -> {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -413,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile(args)
         return
+    skipped = [system for system in args.systems if not available(system)]
+    args.systems = [system for system in args.systems if system not in skipped]
+    if skipped:
+        print(f"left out (library not installed): {', '.join(skipped)}")
+    load_before = os.getloadavg()[0]
     runs = []
     started = time.perf_counter()
     for repeat in range(args.repeats):
@@ -421,21 +489,20 @@ def main(argv: list[str] | None = None) -> None:
                 point = run_point(system, n, args)
                 point["repeat"] = repeat
                 runs.append(point)
-                print(f"[{time.perf_counter() - started:6.1f}s] run {repeat + 1}/{args.repeats} {system:>22} "
-                      f"{n:>5} submitters: {point['req_per_s']:>10,.0f} req/s {point['cpu_us_per_req']:>8.1f} "
-                      f"CPU us/req ({point['requests']} requests checked)", flush=True)
+                print(f"[{time.perf_counter() - started:6.1f}s] run {repeat + 1}/{args.repeats} {system:>20} "
+                      f"{n:>5} submitters: {point['req_per_s']:>9,.0f} req/s {point['cpu_us_per_req']:>7.1f} CPU "
+                      f"us/req {point['cpu_us_per_req_by_thread']}", flush=True)
     report = {
         "benchmark": "scheduler overhead, no-op model",
-        "command": "python " + " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "batchplex": batchplex.__version__, "ray": version("ray"), "batched": version("batched")},
+        "machine": machine(),
+        "load_average": [load_before, os.getloadavg()[0]],
+        "versions": {"batchplex": batchplex.__version__, "core_commit": core_revision(), "ray": version("ray"),
+                     "batched": version("batched")},
         "config": {"device": args.device, "submitters": args.submitters, "systems": args.systems,
                    "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                    "warmup_s": args.warmup_s, "duration_s": args.duration_s, "repeats": args.repeats,
-                   "payload": "torch.tensor([value]) float32, unique per submitter"},
+                   "payload": "torch.tensor([value]), float32, value unique per submitter and request in flight",
+                   "left_out": skipped},
         "notes": NOTES,
         "summary": summarize(runs, args.systems, args.submitters),
         "runs": runs,

@@ -27,13 +27,14 @@ request_plan = st.tuples(
        max_batch_size=st.integers(min_value=1, max_value=8),
        max_wait_ms=st.sampled_from([0, 1, 3]),
        run_ms=st.sampled_from([0, 1]),
-       bucket_edges=st.sampled_from([(), (3, 1000)]))
+       bucket_edges=st.sampled_from([(), (3, 1000)]),
+       dispatch_when_idle=st.booleans())
 def test_every_accepted_request_gets_exactly_one_outcome_its_own(plans, max_batch_size, max_wait_ms, run_ms,
-                                                                  bucket_edges):
-    asyncio.run(_exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges))
+                                                                  bucket_edges, dispatch_when_idle):
+    asyncio.run(_exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges, dispatch_when_idle))
 
 
-async def _exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges):
+async def _exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges, dispatch_when_idle):
     def model(batch):
         if (batch == POISON).any():
             raise RuntimeError("poisoned batch")
@@ -42,7 +43,7 @@ async def _exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges):
         return batch * 2
 
     policy = BatchPolicy(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, priority_levels=3,
-                         bucket_edges=bucket_edges)
+                         bucket_edges=bucket_edges, dispatch_when_idle=dispatch_when_idle)
     adapter = FakeAdapter(cost_of=lambda value: 1 + int(abs(value)) % 5)
     async with Scheduler(autoload=False) as scheduler:
         scheduler.add_workload("w", adapter=adapter, model=model, policy=policy)

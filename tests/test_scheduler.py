@@ -299,3 +299,17 @@ async def test_a_workload_on_two_devices_uses_both_replicas(scheduler):
     results = await asyncio.gather(*(scheduler.submit("w", float(v)) for v in range(40)))
     assert [r.item() for r in results] == [float(v) for v in range(40)]
     assert len(calls) == 2 and min(calls.values()) >= 2
+
+
+async def test_dispatch_when_idle_sends_a_batch_without_waiting_and_still_batches_under_load(scheduler):
+    gate = Gate()
+    scheduler.pipeline_depth = 1
+    scheduler.add_workload("w", adapter=FakeAdapter(), model=gate,
+                           policy=BatchPolicy(max_batch_size=8, max_wait_ms=60_000, dispatch_when_idle=True))
+    first = asyncio.ensure_future(scheduler.submit("w", 1.0))
+    await wait_until(gate.entered.is_set)  # the device was idle: it left at once despite a one-minute wait
+    rest = [asyncio.ensure_future(scheduler.submit("w", float(v))) for v in range(2, 6)]
+    await asyncio.sleep(0.01)
+    gate.release.set()
+    assert [r.item() for r in await asyncio.gather(first, *rest)] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert gate.batches == [[1.0], [2.0, 3.0, 4.0, 5.0]]  # the busy device let the others queue into one batch

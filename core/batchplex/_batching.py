@@ -176,6 +176,8 @@ class RequestQueue:
     def _take_from(self, bucket: _Bucket, now: float) -> list[Request]:
         limit = self.batch_limit
         budget = self.policy.max_batch_cost
+        if budget is None and len(bucket.levels) == 1:
+            return self._take_fifo(bucket, limit)
         aging = self.policy.priority_aging_ms / 1000.0
         single_level = len(bucket.levels) == 1
         batch: list[Request] = []
@@ -200,6 +202,28 @@ class RequestQueue:
             request.state = TAKEN
             largest = max(largest, request.cost)
             batch.append(request)
+        return batch
+
+    def _take_fifo(self, bucket: _Bucket, limit: int) -> list[Request]:
+        """The common case (one priority level, no budget): pop up to ``limit`` live requests in one pass."""
+        fifo = bucket.levels[0]
+        batch: list[Request] = []
+        popped = 0
+        while fifo and len(batch) < limit:
+            request = fifo.popleft()
+            popped += 1
+            if request.state != QUEUED:  # expired: already forgotten
+                continue
+            if request.waiter.done():  # the caller cancelled while it was queued
+                request.state = DONE
+                self._forget(request)
+                self.cancelled_seen += 1
+                continue
+            request.state = TAKEN
+            batch.append(request)
+        bucket.entries -= popped
+        bucket.live -= len(batch)
+        self.depth -= len(batch)
         return batch
 
     # ---------------------------------------------------------------- helpers

@@ -57,7 +57,7 @@ class TensorAdapter(Adapter[torch.Tensor]):
         if item.dtype != self.dtype:
             raise InvalidRequestError(f"request dtype {item.dtype} differs from the workload's dtype {self.dtype}",
                                       rule="same dtype", value=item.dtype)
-        if not self.allow_nonfinite and item.is_floating_point() and not bool(torch.isfinite(item).all()):
+        if not self.allow_nonfinite and item.is_floating_point() and not _all_finite(item):
             raise InvalidRequestError("request holds NaN or infinite values (allow_nonfinite=False)",
                                       rule="finite values", value=_first_nonfinite(item))
         return item
@@ -67,6 +67,12 @@ class TensorAdapter(Adapter[torch.Tensor]):
 
     def split(self, output: Any, items: Sequence[torch.Tensor]) -> list[Any]:
         return split_rows(output, len(items))
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.numel() == 1:  # one scalar: a Python check is ~10x cheaper than a tensor op
+        return math.isfinite(tensor.item())
+    return bool(torch.isfinite(tensor).all())
 
 
 def _first_nonfinite(tensor: torch.Tensor) -> float:

@@ -12,7 +12,10 @@ Every strategy of the classic batching playbook is a field here, validated once 
   tokens);
 * priorities: ``priority_levels`` levels, higher served first; a request that waited ``priority_aging_ms`` is
   served before any fresher one, so low levels never starve;
-* deadlines and back-pressure: ``default_timeout_s`` and ``max_queue``.
+* deadlines and back-pressure: ``default_timeout_s`` and ``max_queue``;
+* ``dispatch_when_idle`` (opt-in): while a device has nothing to do, a batch leaves at once with whatever arrived
+  in the same event-loop turn instead of waiting ``max_wait_ms`` (lower latency at low load; batches still grow
+  when the device is busy, because requests queue behind the running batch).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class BatchPolicy:
     default_timeout_s: float | None = None
     priority_levels: int = 1
     priority_aging_ms: float | None = None
+    dispatch_when_idle: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_batch_size) and self.max_batch_size >= 1,
@@ -62,6 +66,8 @@ class BatchPolicy:
                      "default_timeout_s", self.default_timeout_s, "a number > 0 or None")
         _require(_is_int(self.priority_levels) and 1 <= self.priority_levels <= 16,
                  "priority_levels", self.priority_levels, "an int from 1 to 16")
+        _require(isinstance(self.dispatch_when_idle, bool), "dispatch_when_idle", self.dispatch_when_idle,
+                 "True or False")
         if self.priority_aging_ms is None:
             object.__setattr__(self, "priority_aging_ms", max(100.0, 20 * self.max_wait_ms))
         _require(_is_number(self.priority_aging_ms) and self.priority_aging_ms > 0,

@@ -65,6 +65,7 @@ class Workload:
         self.device_time = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
+        self.pump_soon = False
 
     @property
     def share(self) -> float:
@@ -317,6 +318,12 @@ class Scheduler:
                 if lane.in_flight < self.pipeline_depth:
                     self._pump(lane)  # also re-arms the timer
                     return
+            if request.deadline is None:
+                return  # every device is busy: the next finished batch pumps again
+        elif workload.policy.dispatch_when_idle and not workload.pump_soon and any(
+                lane.in_flight == 0 for lane in workload.lanes):
+            workload.pump_soon = True  # after this loop turn, so requests arriving together still batch
+            self._loop.call_soon(self._pump_idle, workload)
         if full or workload.queue.depth == 1 or request.deadline is not None:
             self._rearm(workload)
 
@@ -336,6 +343,12 @@ class Scheduler:
             self._pump(lane)
         self._expire(workload, self._loop.time())
         self._rearm(workload)
+
+    def _pump_idle(self, workload: Workload) -> None:
+        workload.pump_soon = False
+        for lane in workload.lanes:
+            if lane.in_flight == 0:
+                self._pump(lane)
 
     def _rearm(self, workload: Workload) -> None:
         queue = workload.queue
@@ -362,17 +375,21 @@ class Scheduler:
                 queue = workload.queue
                 if queue.depth:
                     self._expire(workload, now)
-                    if (queue.depth and (self._draining or queue.ready(now))
+                    if (queue.depth and (self._go_now(workload, lane) or queue.ready(now))
                             and (chosen is None or workload.share < chosen.share)):
                         chosen = workload
             if chosen is None:
                 break
-            batch = chosen.queue.take(now, force=self._draining)
+            batch = chosen.queue.take(now, force=self._go_now(chosen, lane))
             self._collect_cancelled(chosen)
             if batch:
                 self._dispatch(lane, chosen, batch, now)
         for workload in lane.workloads:
             self._rearm(workload)
+
+    def _go_now(self, workload: Workload, lane: _Lane) -> bool:
+        """Whether a batch leaves without waiting: when draining, or on an idle device if the policy says so."""
+        return self._draining or (workload.policy.dispatch_when_idle and lane.in_flight == 0)
 
     def _collect_cancelled(self, workload: Workload) -> None:
         seen = workload.queue.cancelled_seen
