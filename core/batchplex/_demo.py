@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,8 +97,12 @@ def _table(rows: list[list[str]], title: str) -> Any:
 
 
 async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float = 0.01, live: bool = True,
-                   device: str | None = None, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run the demo; return the scheduler's final statistics (per workload)."""
+                   device: str | None = None, only: list[str] | None = None,
+                   setup: Callable[[Scheduler], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the demo; return the scheduler's final statistics (per workload).
+
+    ``setup(scheduler)`` runs once the workloads exist (attach an exporter or an adaptive controller there).
+    """
     from rich.console import Console
     from rich.live import Live
 
@@ -114,6 +119,8 @@ async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float
         for example in examples:
             scheduler.add_workload(example.name, adapter=example.adapter, adapter_options=example.adapter_options,
                                    model=example.model, policy=example.policy, device=target)
+        if setup is not None:
+            setup(scheduler)
         rates = {w.name: _rate(w, target) * load for w in examples}
         loop = asyncio.get_running_loop()
         until = loop.time() + duration_s

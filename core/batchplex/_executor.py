@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .adapter import check_split
-from .collate import map_tensors
+from .collate import copy_to_pinned_host, map_tensors
 from .errors import BatchplexError, ContractError, RequestFailed
 
 __all__ = ["BatchJob", "DeviceExecutor"]
@@ -165,7 +165,7 @@ class DeviceExecutor:
         output = job.model(inputs)
         output = adapter.postprocess(output, inputs, [request.item for request in job.requests])
         if adapter.copy_output_to_host and self.cuda:
-            output = map_tensors(_copy_to_pinned_host, output)
+            output = map_tensors(copy_to_pinned_host, output)
         return output
 
     # ------------------------------------------------------------------ failures
@@ -210,20 +210,12 @@ class DeviceExecutor:
                 output = job.model(inputs)
                 output = adapter.postprocess(output, inputs, items)
                 if adapter.copy_output_to_host:
-                    output = map_tensors(_copy_to_pinned_host, output)
+                    output = map_tensors(copy_to_pinned_host, output)
             self._compute_stream.synchronize()
         else:
             inputs = adapter.collate(items, self.device, padded)
             output = adapter.postprocess(job.model(inputs), inputs, items)
         return list(check_split(adapter.name, adapter.split(output, items), len(items)))
-
-
-def _copy_to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
-    if not tensor.is_cuda:
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
 
 
 def _per_request_error(workload: str, failure: BaseException) -> BaseException:

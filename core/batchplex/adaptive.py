@@ -11,13 +11,15 @@ batch (the ``batch_finished`` hook) and sets the workload's live knobs, ``queue.
 The decisions are made by `LatencyController`, pure logic over the observed ``(batch size, run time)`` pairs, in
 the manner of Clipper's AIMD: a batch that ran over the target cuts the limit multiplicatively; otherwise the limit
 may grow. Plain additive growth climbs past the target again and again (a sawtooth whose every tooth is a late
-batch), so growth is guided by a line ``run = a + b * size`` fitted to the batches since the last late one, plus a
-margin, the objective's quantile of their residuals: the limit grows to the largest size that line says fits, at
-most twice the largest size seen (no far extrapolation). The batch with the largest residual is left out of the
-fit (one stall is not a tail), and only a late batch lowers the limit, so an outlier cannot collapse it. A late
-batch slower than the line predicted starts the fit afresh: the workload changed (a slower model, another tenant
-on the device) or the host stalled. A late batch the line allowed for (its noise) keeps growth below its size
-until a window of batches ran on time, so the limit does not climb back into its own tail at once.
+batch), so growth is model-guided: a line ``run = a + b * size`` fitted to the recent batches (the one with the
+largest residual left out: one stall is not a tail) plus a margin, the objective's quantile of the recent
+prediction errors (each batch's run minus what the line said before it). The limit grows to the largest size the
+line and margin keep within the target, at most twice the largest size seen (no far extrapolation).
+
+Only a late batch lowers the limit, so an outlier in the fit cannot collapse it. A late batch slower than line and
+margin predicted means the workload changed (a slower model, another tenant on the device) or the host stalled:
+the line is refitted from that batch on. A late batch they allowed for is the noise's tail: growth stays below its
+size until a window of batches has run on time, so the limit does not climb straight back into it.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class LatencyController:
     returns. Pure: no clock, no scheduler; the same observations give the same decisions.
 
     ``start_batch_size`` is the first limit (1: start small, as a slow start would); ``decrease`` the factor a
-    late batch cuts the limit by; ``window`` how many recent batches the line is fitted to.
+    late batch cuts the limit by; ``window`` how many recent batches the line and the margin are drawn from (and
+    how many on-time batches lift the ceiling a noisy late batch set).
     """
 
     def __init__(self, objective: LatencyObjective, policy: BatchPolicy, *, pipeline_depth: int = 2,

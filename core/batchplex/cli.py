@@ -39,8 +39,21 @@ def _plugins(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    def setup(scheduler: Any) -> None:
+        if args.prometheus_port is not None:
+            from .prometheus import PrometheusExporter
+
+            exporter = PrometheusExporter(scheduler)
+            exporter.serve(args.prometheus_port)
+            print(f"Prometheus metrics on http://127.0.0.1:{args.prometheus_port}/metrics")
+        if args.adaptive_ms is not None:
+            from .adaptive import AdaptiveBatching
+
+            scheduler.register_plugin(AdaptiveBatching(scheduler, {name: args.adaptive_ms
+                                                                   for name in scheduler.workloads}))
+
     stats = asyncio.run(run_demo(duration_s=args.duration, load=args.load, bad_share=args.bad_share,
-                                 live=not args.no_live, device=args.device, only=args.workload))
+                                 live=not args.no_live, device=args.device, only=args.workload, setup=setup))
     return 0 if all(s["completed"] > 0 for s in stats.values()) else 1
 
 
@@ -174,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     demo.add_argument("--workload", action="append", help="run only this example workload (repeatable)")
     demo.add_argument("--no-live", action="store_true", help="print progress lines instead of a live table")
+    demo.add_argument("--prometheus-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    demo.add_argument("--adaptive-ms", type=float, default=None,
+                      help="adapt batch size and wait online to keep each workload's p99 under this many ms")
     demo.set_defaults(run=_demo)
 
     prof = commands.add_parser(

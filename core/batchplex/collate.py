@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["host_buffer", "to_device", "stack_to_device", "split_rows", "map_tensors"]
+__all__ = ["host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors"]
 
 
 def host_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -26,6 +26,18 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.device == device or device.type == "cpu":
         return tensor
     return tensor.to(device, non_blocking=True)
+
+
+def copy_to_pinned_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying a CUDA tensor into pinned host memory without blocking (host tensors pass through).
+
+    The copy is ordered on the current stream: wait on an event recorded after it before reading the result.
+    """
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def stack_to_device(tensors: Sequence[torch.Tensor], device: torch.device, batch_size: int | None = None

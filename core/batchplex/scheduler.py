@@ -450,11 +450,12 @@ class Scheduler:
         time percentiles (ms), rejections, timeouts, cancellations and failures."""
         report = {}
         for name, workload in self._workloads.items():
-            self._collect_cancelled(workload)
-            in_flight = workload.stats.submitted - workload.stats.completed - workload.stats.failed \
-                - workload.stats.timeouts - workload.stats.cancelled - workload.queue.depth
-            report[name] = workload.stats.snapshot(max_batch_size=workload.policy.max_batch_size,
-                                                   queue_depth=workload.queue.depth, in_flight=max(0, in_flight))
+            stats, queue = workload.stats, workload.queue
+            cancelled = stats.cancelled + queue.cancelled_seen  # read-only: safe from an observer's thread
+            in_flight = stats.submitted - stats.completed - stats.failed - stats.timeouts - cancelled - queue.depth
+            report[name] = stats.snapshot(max_batch_size=workload.policy.max_batch_size,
+                                          queue_depth=queue.depth, in_flight=max(0, in_flight))
+            report[name]["cancelled"] = cancelled
             report[name]["max_batch_size_now"] = workload.queue.batch_limit
             report[name]["max_wait_ms_now"] = workload.queue.max_wait_s * 1000.0
         return report

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from ._executor import _copy_to_pinned_host, is_out_of_memory
+from ._executor import is_out_of_memory
 from .adapter import Adapter, check_split
-from .collate import map_tensors
+from .collate import copy_to_pinned_host, map_tensors
 from .policy import BatchPolicy
 
 __all__ = ["ProfilePoint", "Profile", "profile", "batch_sizes", "profile_batch_sizes", "sweet_spot",
@@ -281,7 +281,7 @@ def _run_once(adapter: Adapter, model: Callable[[Any], Any], items: list[Any], d
         collated.record()
         output = adapter.postprocess(model(inputs), inputs, items)
         if adapter.copy_output_to_host:
-            output = map_tensors(_copy_to_pinned_host, output)
+            output = map_tensors(copy_to_pinned_host, output)
         ran.record()
         ran.synchronize()
         collate_ms, run_ms = start.elapsed_time(collated), collated.elapsed_time(ran)
