@@ -49,3 +49,14 @@ def test_a_model_that_cannot_be_captured_runs_eagerly_with_a_logged_reason(caplo
     torch.testing.assert_close(graphed(x), syncing(x))
     assert graphed.disabled_reason and "capture failed" in caplog.text
     torch.testing.assert_close(graphed(x), syncing(x))
+
+
+def test_inputs_a_graph_cannot_refill_turn_graphs_off_with_a_reason(caplog):
+    class Opaque:  # stands for e.g. a KeyedJaggedTensor: tensors a graph's static inputs cannot be refilled from
+        pass
+
+    graphed = GraphedModel(lambda inputs: 1, torch.device("cuda", 0), "opaque")
+    graphed.disabled_reason = None  # pretend we are on CUDA: the check happens before any CUDA call
+    caplog.set_level(logging.WARNING, logger="batchplex")
+    assert graphed({"dense": torch.zeros(2), "ids": Opaque()}) == 1
+    assert "Opaque" in graphed.disabled_reason and "CUDA graphs off" in caplog.text

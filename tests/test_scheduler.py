@@ -313,3 +313,18 @@ async def test_dispatch_when_idle_sends_a_batch_without_waiting_and_still_batche
     gate.release.set()
     assert [r.item() for r in await asyncio.gather(first, *rest)] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert gate.batches == [[1.0], [2.0, 3.0, 4.0, 5.0]]  # the busy device let the others queue into one batch
+
+
+async def test_a_broken_stage_fails_its_batch_instead_of_hanging(scheduler):
+    class ExecutorBug(BaseException):  # escapes the stages' `except Exception`, like a bug would
+        pass
+
+    def model(batch):
+        raise ExecutorBug("not a request's fault")
+
+    scheduler.add_workload("w", adapter=FakeAdapter(), model=model, policy=BatchPolicy(max_batch_size=2,
+                                                                                        max_wait_ms=1))
+    outcomes = await asyncio.wait_for(asyncio.gather(scheduler.submit("w", 1.0), scheduler.submit("w", 2.0),
+                                                     return_exceptions=True), timeout=10)
+    assert all(isinstance(o, ExecutorBug) for o in outcomes)
+    assert scheduler.statistics()["w"]["failed"] == 2

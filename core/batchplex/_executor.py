@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .adapter import check_split
-from .collate import copy_to_pinned_host, map_tensors
+from .collate import copy_to_pinned_host, map_tensors, opaque_leaves
 from .errors import BatchplexError, ContractError, RequestFailed
 
 __all__ = ["BatchJob", "DeviceExecutor"]
@@ -99,7 +99,12 @@ class DeviceExecutor:
             torch.cuda.set_device(self.device)
         with torch.inference_mode():
             while (job := inbox.get()) is not _STOP:
-                stage(job)
+                try:
+                    stage(job)
+                except BaseException as error:  # never let a worker die: the job must still come back
+                    self._fail_whole(job, error)
+                    if outbox is None:
+                        self._on_done(job)
                 if outbox is not None:
                     outbox.put(job)
         if outbox is not None:
@@ -128,7 +133,7 @@ class DeviceExecutor:
                 stream = self._compute_stream
                 with torch.cuda.stream(stream):
                     stream.wait_event(job.copied)
-                    map_tensors(lambda t: t.record_stream(stream) if t.is_cuda else None, job.inputs)
+                    _record_stream(job.inputs, stream)
                     job.started = torch.cuda.Event(enable_timing=True)
                     job.ended = torch.cuda.Event(enable_timing=True)
                     job.started.record(stream)
@@ -159,6 +164,13 @@ class DeviceExecutor:
         if job.error is not None:
             self._isolate(job)
         self._on_done(job)
+
+    @staticmethod
+    def _fail_whole(job: BatchJob, error: BaseException) -> None:
+        """A stage broke outside the model and the adapter (a bug, not a request's fault): fail the batch."""
+        job.error = error
+        job.results = [None] * len(job.requests)
+        job.errors = [error] * len(job.requests)
 
     def _forward(self, job: BatchJob, inputs: Any) -> Any:
         adapter = job.workload.adapter
@@ -216,6 +228,14 @@ class DeviceExecutor:
             inputs = adapter.collate(items, self.device, padded)
             output = adapter.postprocess(job.model(inputs), inputs, items)
         return list(check_split(adapter.name, adapter.split(output, items), len(items)))
+
+
+def _record_stream(inputs: Any, stream: torch.cuda.Stream) -> None:
+    """Tell the caching allocator that the compute stream uses the inputs, which the copy stream allocated."""
+    map_tensors(lambda t: t.record_stream(stream) if t.is_cuda else None, inputs)
+    for leaf in opaque_leaves(inputs):  # e.g. a KeyedJaggedTensor, which records its own tensors
+        if callable(getattr(leaf, "record_stream", None)):
+            leaf.record_stream(stream)
 
 
 def _per_request_error(workload: str, failure: BaseException) -> BaseException:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .collate import map_tensors
+from .collate import map_tensors, opaque_leaves
 
 __all__ = ["GraphedModel"]
 
@@ -53,6 +53,12 @@ class GraphedModel:
             return self.model(inputs)
         signature = _signature(inputs)
         entry = self._graphs.get(signature)
+        if entry is None and (not signature or opaque_leaves(inputs)):
+            self.disabled_reason = ("the inputs hold objects a graph cannot refill between replays "
+                                    f"({', '.join(sorted({type(x).__name__ for x in opaque_leaves(inputs)}))})"
+                                    if signature else "the inputs hold no tensors")
+            log.warning("workload %r: CUDA graphs off, running eagerly (%s)", self.name, self.disabled_reason)
+            return self.model(inputs)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 return self.model(inputs)

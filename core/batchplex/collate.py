@@ -8,12 +8,13 @@ buffers are plain tensors and the "copy" is the identity.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors"]
+__all__ = ["host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors", "opaque_leaves"]
 
 
 def host_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -71,7 +72,8 @@ def split_rows(output: Any, n: int) -> list[Any]:
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
-    """Apply ``fn`` to every tensor in a nest of tuples, lists and dicts (Hugging Face outputs included)."""
+    """Apply ``fn`` to every tensor in a nest of tuples, lists, dicts (Hugging Face outputs included) and
+    dataclasses; other objects pass through unchanged (see `opaque_leaves`)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
@@ -82,4 +84,20 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
             return mapped
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(fn, value) for value in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: map_tensors(fn, getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
     return obj
+
+
+def opaque_leaves(obj: Any) -> list[Any]:
+    """Objects inside a nest that `map_tensors` cannot see into (e.g. a torchrec ``KeyedJaggedTensor``)."""
+    if isinstance(obj, (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
+        return []
+    if isinstance(obj, Mapping):
+        return [leaf for value in obj.values() for leaf in opaque_leaves(value)]
+    if isinstance(obj, (tuple, list)):
+        return [leaf for value in obj for leaf in opaque_leaves(value)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [leaf for f in dataclasses.fields(obj) for leaf in opaque_leaves(getattr(obj, f.name))]
+    return [obj]

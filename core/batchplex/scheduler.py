@@ -469,10 +469,17 @@ def _devices(device: str | torch.device | Sequence) -> list[torch.device]:
     items = [device] if isinstance(device, (str, torch.device)) else list(device)
     if not items:
         raise ValueError("device must name at least one device")
-    devices = [torch.device(d) for d in items]
+    devices = [_indexed(torch.device(d)) for d in items]
     if len(set(devices)) != len(devices):
         raise ValueError(f"device lists a device twice: {[str(d) for d in devices]}")
     return devices
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` means the current CUDA device: name it, so threads can select it and lanes compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
 
 
 def _replicas(name: str, model: Callable | Sequence[Callable], devices: list[torch.device]

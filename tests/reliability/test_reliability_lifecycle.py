@@ -3,12 +3,14 @@
 Also the minimal reproductions of what these cases found in the core (marked ``xfail(strict=True)`` until fixed).
 """
 
+import asyncio
 import gc
 import threading
 import time
 import warnings
 
 import pytest
+import torch
 
 from batchplex import Scheduler, SchedulerClosed
 from batchplex.testing import FakeAdapter
@@ -83,3 +85,19 @@ def test_close_releases_the_background_event_loop():
         del scheduler
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="DeviceExecutor._serve calls torch.cuda.set_device(torch.device('cuda')), "
+                   "which needs an index (torch 2.11): every stage thread dies at start and requests wait forever")
+def test_a_workload_on_a_bare_cuda_device_runs():
+    async def scenario() -> torch.Tensor:
+        scheduler = Scheduler(autoload=False)
+        scheduler.add_workload("w", adapter="tensor", model=lambda batch: batch * 2, device="cuda")
+        await scheduler.__aenter__()
+        try:
+            return await asyncio.wait_for(scheduler.submit("w", torch.ones(2)), 10)
+        finally:
+            await asyncio.wait_for(scheduler.aclose(drain=False), 10)
+
+    assert asyncio.run(scenario()).tolist() == [2.0, 2.0]

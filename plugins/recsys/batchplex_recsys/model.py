@@ -1,0 +1,49 @@
+"""Glue between torchrec models and the ranking adapter: the one-argument call, and table sizes for validation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .adapter import RankingBatch
+
+__all__ = ["RankingModel", "table_sizes_of"]
+
+
+class RankingModel(torch.nn.Module):
+    """Calls ``module(dense_features, sparse_features)`` with a `RankingBatch`.
+
+    The scheduler calls a model with one argument; torchrec's ranking models (``DLRM``, ``DLRM_DCN``,
+    ``DLRM_Projection``) take the dense and the sparse features as two. Wrap them in this. It refuses CUDA graph
+    capture, so ``add_workload(cuda_graphs=True)`` falls back to eager runs instead of replaying stale ids.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        if batch.dense_features.is_cuda and torch.cuda.is_current_stream_capturing():
+            # the scheduler's CUDA graphs key a graph on input shapes: a replay would reuse this batch's ids
+            raise RuntimeError("ranking batches are jagged (ids per feature change from batch to batch), so a "
+                               "CUDA graph cannot be replayed for them; run ranking workloads without cuda_graphs")
+        return self.module(batch.dense_features, batch.sparse_features)
+
+
+def table_sizes_of(module: torch.nn.Module) -> dict[str, int]:
+    """``{feature key: num_embeddings}`` of every embedding table in ``module``, for the adapter's ``table_sizes``.
+
+    Reads the configs of each torchrec ``EmbeddingBagCollection``/``EmbeddingCollection`` inside ``module``; a
+    feature that feeds several tables gets the smallest size, so its ids are valid in all of them.
+    """
+    sizes: dict[str, int] = {}
+    for sub in module.modules():
+        configs = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
+        if not callable(configs):
+            continue
+        for config in configs():
+            for key in config.feature_names:
+                sizes[key] = min(sizes.get(key, config.num_embeddings), config.num_embeddings)
+    return sizes

@@ -1,0 +1,266 @@
+"""Ranking requests: what a caller submits, how it is checked at submit, and the flat form kept until collation.
+
+A request carries sparse id-list features, optional per-id weights and dense features for one sample, or for N
+samples (one user and N candidate items, say). Give it as a `RankingRequest` or as a dict with the same fields:
+
+* one sample:  ``{"sparse": {key: ids}, "dense": [d_0, ..., d_{D-1}], "weights": {key: [w, ...]}}``
+  where ``ids`` is a list of ints or a 1-D integer tensor;
+* N samples:   ``{"sparse": {key: [ids_0, ..., ids_{N-1}]}, "dense": N x D, "weights": {key: [ws_0, ...]}}``
+  where each ``ids_i`` is a list or 1-D tensor; a 2-D N x L integer tensor also works, and so does a torchrec
+  ``JaggedTensor`` with one row per sample (the cheapest form for many samples: no per-sample work at submit).
+
+A feature left out, or given an empty list, has no ids for any sample. The result of a one-sample request is the
+model's output row; that of an N-sample request is its N rows (also for N = 1 given in the N-sample form).
+
+`prepare_request` validates everything that could break a batch later (on a GPU an out-of-range index kills the
+whole CUDA context, so ids are range-checked here) and flattens the request once: ids in configured key order,
+sample-major (sample 0's features, then sample 1's...), with one length per (sample, key).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from batchplex import InvalidRequestError
+
+from ._jagged import EMPTY_IDS, int64_tensor, jagged
+from ._layout import transpose_segments
+from .spec import FeatureSpec
+
+__all__ = ["RankingRequest", "PreparedRanking", "prepare_request"]
+
+_FIELDS = frozenset(("sparse", "dense", "weights"))
+_INTEGER_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+
+
+@dataclass(frozen=True)
+class RankingRequest:
+    """One ranking request (see the module docstring for the one-sample and N-sample forms)."""
+
+    sparse: Mapping[str, Any] = field(default_factory=dict)
+    dense: Any = None
+    weights: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRanking:
+    """One request, flattened: sample-major ids with one length per (sample, key), weights and dense rows."""
+
+    values: torch.Tensor  # int64 ids, sample-major, keys in configured order within a sample
+    lengths: torch.Tensor  # int64, samples * len(keys), sample-major
+    weights: torch.Tensor | None  # float32 per id (1.0 for unweighted keys); None without weighted keys
+    dense: torch.Tensor  # float32, samples x dense_dim
+    samples: int
+    single: bool  # given in the one-sample form: the result is one output row, not a block of rows
+
+
+def prepare_request(spec: FeatureSpec, item: Any) -> PreparedRanking:
+    """Validate ``item`` against ``spec`` and flatten it; raise `InvalidRequestError` naming rule and value."""
+    sparse, dense, weights = _fields(item)
+    unknown = [key for key in sparse if key not in spec.index]
+    if unknown:
+        raise InvalidRequestError(f"unknown sparse feature key {unknown[0]!r} (known: {', '.join(spec.keys)})",
+                                  rule="known feature key", value=unknown[0])
+    ids = _int_lists(spec, sparse) or _ids(spec, sparse)
+    dense_rows = _dense(spec, dense)
+    samples, single = _samples(spec, ids, dense_rows)
+    _check_range(spec, ids)
+    lengths = torch.tensor(list(itertools.chain.from_iterable(
+        _sample_lengths(count, per_sample, samples) for count, per_sample in zip(ids.counts, ids.per_sample))))
+    values = ids.values
+    weight_values = _weights(spec, weights, ids, samples)
+    if dense_rows is None:
+        dense_rows = torch.zeros(samples, spec.dense_dim)
+    if samples > 1:  # key-major as given -> sample-major
+        lengths, values, weight_values = transpose_segments(lengths, values, weight_values, len(spec.keys),
+                                                            samples)
+    return PreparedRanking(values, lengths, weight_values, dense_rows.reshape(samples, spec.dense_dim), samples,
+                           single)
+
+
+def _fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
+    if isinstance(item, RankingRequest):
+        sparse, dense, weights = item.sparse, item.dense, item.weights
+    elif isinstance(item, Mapping):
+        extra = sorted(set(item) - _FIELDS, key=str)
+        if extra:
+            raise InvalidRequestError(f"a ranking request has the fields 'sparse', 'dense' and 'weights'; got "
+                                      f"{extra[0]!r}", rule="request fields", value=extra[0])
+        sparse, dense, weights = item.get("sparse", {}), item.get("dense"), item.get("weights")
+    else:
+        raise InvalidRequestError(f"a ranking request is a RankingRequest or a dict with 'sparse', 'dense' and "
+                                  f"'weights', got {type(item).__name__}", rule="request type", value=type(item))
+    for name, value in (("sparse", sparse), ("weights", weights or {})):
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"'{name}' must map feature keys to ids, got {type(value).__name__}",
+                                      rule=f"{name} mapping", value=type(value))
+    return sparse, dense, weights or {}
+
+
+# ---------------------------------------------------------------------------------------------- sparse ids
+@dataclass(frozen=True, slots=True)
+class _Ids:
+    """A request's ids, key-major as given: all ids of key 0 (sample by sample), then key 1..."""
+
+    values: torch.Tensor  # int64
+    counts: list[int]  # ids per key
+    per_sample: list[list[int] | None]  # per key: ids per sample, None for the one-sample form or no ids
+
+
+def _int_lists(spec: FeatureSpec, sparse: Mapping[str, Any]) -> _Ids | None:
+    """The common JSON-like case, one sample of plain int lists, converted in one step for all features.
+
+    None when the request is anything else, or holds a number that is not an int64: the per-feature path then
+    handles it and names the feature in its errors.
+    """
+    raws = [sparse.get(key) for key in spec.keys]
+    if not all(raw is None or type(raw) is list and (not raw or type(raw[0]) is int) for raw in raws):
+        return None
+    counts = [len(raw) if raw else 0 for raw in raws]
+    if not any(counts):
+        return _Ids(EMPTY_IDS, counts, [None] * len(raws))
+    values = int64_tensor(itertools.chain.from_iterable(raw for raw in raws if raw))
+    return None if values is None else _Ids(values, counts, [None] * len(raws))
+
+
+def _ids(spec: FeatureSpec, sparse: Mapping[str, Any]) -> _Ids:
+    """Every other form, feature by feature (tensors, N-sample lists, anything that needs a precise error)."""
+    parts, counts, per_sample = [], [], []
+    for key in spec.keys:
+        values, lengths = jagged(key, sparse.get(key), "ids")
+        if values.numel():
+            if values.dtype not in _INTEGER_DTYPES:
+                raise InvalidRequestError(f"feature {key!r}: ids must be integers, got {values.dtype} values such "
+                                          f"as {values[0].item()!r}", rule="integer ids", value=values[0].item())
+            parts.append(values)
+        counts.append(values.numel())
+        per_sample.append(lengths)
+    return _Ids(torch.cat(parts).to(torch.int64) if parts else EMPTY_IDS, counts, per_sample)
+
+
+def _sample_lengths(count: int, per_sample: list[int] | None, samples: int) -> list[int]:
+    """One feature's ids per sample; a feature without ids is empty in every sample."""
+    if per_sample is not None:
+        return per_sample
+    return [count] if count else [0] * samples
+
+
+# ---------------------------------------------------------------------------------------------- samples and ranges
+def _samples(spec: FeatureSpec, ids: _Ids, dense_rows: torch.Tensor | None) -> tuple[int, bool]:
+    """The request's sample count and whether it came in the one-sample form; every feature must agree."""
+    counts = {key: len(lengths) for key, lengths in zip(spec.keys, ids.per_sample) if lengths is not None}
+    if dense_rows is not None and dense_rows.dim() == 2:
+        counts["dense"] = dense_rows.shape[0]
+    if not counts:
+        return 1, True
+    if len(set(counts.values())) > 1:
+        raise InvalidRequestError(f"features disagree on the number of samples: {counts}",
+                                  rule="same number of samples", value=counts)
+    samples = next(iter(counts.values()))
+    if samples == 0:
+        raise InvalidRequestError("a request needs at least one sample", rule="at least one sample", value=0)
+    flat = [key for key, count, lengths in zip(spec.keys, ids.counts, ids.per_sample) if lengths is None and count]
+    if flat or (dense_rows is not None and dense_rows.dim() == 1):
+        where = f"feature {flat[0]!r}" if flat else "'dense'"
+        raise InvalidRequestError(f"an N-sample request ({samples} samples) gives one entry per sample for every "
+                                  f"feature, but {where} is given in the one-sample form",
+                                  rule="same number of samples", value=flat[0] if flat else "dense")
+    return samples, False
+
+
+def _check_range(spec: FeatureSpec, ids: _Ids) -> None:
+    """Every id must be >= 0 and below its table's size (when the table size is configured).
+
+    Two reductions over the whole request (the minimum, and each key's maximum with one ``segment_reduce``);
+    the offending key and id are looked up only when a check fails.
+    """
+    values, counts = ids.values, ids.counts
+    if not values.numel():
+        return
+    if int(values.min()) < 0:
+        at = int((values < 0).nonzero()[0])
+        key = spec.keys[sum(1 for end in itertools.accumulate(counts) if end <= at)]
+        value = int(values[at])
+        raise InvalidRequestError(f"feature {key!r}: ids must be >= 0, got {value}", rule="ids >= 0", value=value)
+    if not spec.table_sizes:
+        return
+    highest = torch.segment_reduce(values.double(), "max", lengths=torch.tensor(counts), unsafe=True)
+    over = highest >= spec.bounds
+    if not bool(over.any()):
+        return
+    i = int(over.nonzero()[0])
+    key, size = spec.keys[i], spec.table_sizes[spec.keys[i]]
+    key_ids = values.split(counts)[i]
+    value = int(key_ids[key_ids >= size][0])
+    raise InvalidRequestError(f"feature {key!r}: id {value} is out of range for its table of {size} rows (ids "
+                              f"must be < {size})", rule="ids < table size", value=value)
+
+
+# ---------------------------------------------------------------------------------------------- weights and dense
+def _weights(spec: FeatureSpec, given: Mapping[str, Any], ids: _Ids, samples: int) -> torch.Tensor | None:
+    """Per-id float32 weights aligned with the key-major ids: given for weighted keys, 1.0 elsewhere (None
+    when the workload has no weighted keys)."""
+    for key in given:
+        if key not in spec.weighted:
+            rule = "weighted feature key" if key in spec.index else "known feature key"
+            raise InvalidRequestError(f"weights given for {key!r}, which is not a weighted feature (weighted: "
+                                      f"{sorted(spec.weighted)})", rule=rule, value=key)
+    if not spec.weighted:
+        return None
+    weights = torch.ones(ids.values.numel(), dtype=torch.float32)
+    starts = [0, *itertools.accumulate(ids.counts)]
+    for key in spec.weighted:
+        i = spec.index[key]
+        values, per_sample = jagged(key, given.get(key), "weights")
+        expected = _sample_lengths(ids.counts[i], ids.per_sample[i], samples)
+        got = _sample_lengths(values.numel(), per_sample, samples)
+        if got != expected:
+            raise InvalidRequestError(f"feature {key!r} is weighted: give one weight per id, shaped like its ids "
+                                      f"(ids per sample {expected}, weights per sample {got})",
+                                      rule="one weight per id", value=got)
+        if not values.numel():
+            continue
+        if values.dtype == torch.bool or values.is_complex():
+            raise InvalidRequestError(f"feature {key!r}: weights must be real numbers, got {values.dtype}",
+                                      rule="numeric weights", value=values.dtype)
+        values = values.to(torch.float32)
+        if not bool(torch.isfinite(values).all()):
+            raise InvalidRequestError(f"feature {key!r}: weights must be finite", rule="finite weights",
+                                      value=_first_nonfinite(values))
+        weights[starts[i]:starts[i + 1]] = values
+    return weights
+
+
+def _dense(spec: FeatureSpec, dense: Any) -> torch.Tensor | None:
+    """The dense features as float32: 1-D (one sample) or 2-D (N samples); None when there are none."""
+    width = spec.dense_dim
+    if dense is None:
+        if width:
+            raise InvalidRequestError(f"the request has no 'dense' features; the workload expects {width}",
+                                      rule="dense length", value=None)
+        return None
+    try:
+        rows = torch.as_tensor(dense, dtype=torch.float32).cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidRequestError(f"'dense' must be numbers ({exc})", rule="numeric dense",
+                                  value=type(dense)) from None
+    if rows.dim() not in (1, 2) or rows.shape[-1] != width:
+        got = tuple(rows.shape)
+        raise InvalidRequestError(f"'dense' must hold {width} values per sample (a vector of {width}, or "
+                                  f"N x {width}), got shape {got}", rule="dense length",
+                                  value=got[-1] if got else got)
+    if not bool(torch.isfinite(rows).all()):
+        raise InvalidRequestError("'dense' holds NaN or infinite values", rule="finite dense values",
+                                  value=_first_nonfinite(rows))
+    return rows
+
+
+def _first_nonfinite(tensor: torch.Tensor) -> float:
+    flat = tensor.reshape(-1)
+    bad = flat[~torch.isfinite(flat)]
+    return float(bad[0]) if bad.numel() else math.nan
