@@ -75,6 +75,7 @@ class RequestQueue:
         self._deadlines: list[tuple[float, int, Request]] = []
         self.depth = 0
         self.cancelled_seen = 0
+        self._refusals = 0
 
     @property
     def batch_limit(self) -> int:
@@ -88,7 +89,10 @@ class RequestQueue:
         Raises `QueueFullError` when ``max_queue`` requests are queued already.
         """
         if self.depth >= self.policy.max_queue:
-            self._compact()
+            self._refusals += 1
+            if self._refusals >= max(1, self.depth // 16):  # amortized: a refusal stays O(1) on average
+                self._refusals = 0
+                self._compact()
             if self.depth >= self.policy.max_queue:
                 raise QueueFullError(
                     f"workload {self.workload!r}: queue is full ({self.depth} of max_queue="
@@ -104,6 +108,10 @@ class RequestQueue:
         self.depth += 1
         if request.deadline is not None:
             heapq.heappush(self._deadlines, (request.deadline, request.seq, request))
+            if len(self._deadlines) > 2 * self.depth + 64:  # drop finished requests the heap still holds
+                self._deadlines = [entry for entry in self._deadlines
+                                   if entry[2].state == QUEUED and not entry[2].waiter.done()]
+                heapq.heapify(self._deadlines)
         if bucket.entries > 2 * self.policy.max_queue + 64:
             self._compact()
         return self._full(bucket)

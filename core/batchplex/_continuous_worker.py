@@ -22,7 +22,8 @@ from .errors import ContractError, DeadlineExceeded, RequestFailed, SchedulerClo
 if TYPE_CHECKING:
     import torch
 
-    from .continuous import ContinuousPolicy, StepAdapter
+    from ._continuous_adapter import StepAdapter
+    from ._continuous_policy import ContinuousPolicy
 
 __all__ = ["DONE", "FAILED", "TOKENS", "Job", "StepLoop", "StepRecord"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .adapter import check_split
-from .collate import copy_to_pinned_host, map_tensors, opaque_leaves
+from .collate import copy_to_pinned_host, map_tensors
 from .errors import BatchplexError, ContractError, RequestFailed
 
 __all__ = ["BatchJob", "DeviceExecutor"]
@@ -133,7 +133,6 @@ class DeviceExecutor:
                 stream = self._compute_stream
                 with torch.cuda.stream(stream):
                     stream.wait_event(job.copied)
-                    _record_stream(job.inputs, stream)
                     job.started = torch.cuda.Event(enable_timing=True)
                     job.ended = torch.cuda.Event(enable_timing=True)
                     job.started.record(stream)
@@ -145,7 +144,6 @@ class DeviceExecutor:
                 job.run_s = time.perf_counter() - started
         except Exception as error:
             job.error = error
-        job.inputs = None
 
     def _finish_stage(self, job: BatchJob) -> None:
         adapter = job.workload.adapter
@@ -160,6 +158,12 @@ class DeviceExecutor:
                 job.errors = [None] * n
             except Exception as error:
                 job.error = error
+        # The inputs were allocated on the copy stream and read on the compute stream: they stay referenced until
+        # the batch's event completed, so the caching allocator cannot hand their memory out early (this replaces
+        # record_stream, which nested tensors and torchrec containers do not all support).
+        if self.cuda and job.error is not None:
+            self._compute_stream.synchronize()  # a failed launch may still have kernels reading the inputs
+        job.inputs = None
         job.output = None
         if job.error is not None:
             self._isolate(job)
@@ -228,14 +232,6 @@ class DeviceExecutor:
             inputs = adapter.collate(items, self.device, padded)
             output = adapter.postprocess(job.model(inputs), inputs, items)
         return list(check_split(adapter.name, adapter.split(output, items), len(items)))
-
-
-def _record_stream(inputs: Any, stream: torch.cuda.Stream) -> None:
-    """Tell the caching allocator that the compute stream uses the inputs, which the copy stream allocated."""
-    map_tensors(lambda t: t.record_stream(stream) if t.is_cuda else None, inputs)
-    for leaf in opaque_leaves(inputs):  # e.g. a KeyedJaggedTensor, which records its own tensors
-        if callable(getattr(leaf, "record_stream", None)):
-            leaf.record_stream(stream)
 
 
 def _per_request_error(workload: str, failure: BaseException) -> BaseException:

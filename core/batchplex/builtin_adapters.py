@@ -47,6 +47,10 @@ class TensorAdapter(Adapter[torch.Tensor]):
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise InvalidRequestError(f"a tensor request must be a tensor or array-like, got "
                                           f"{type(item).__name__} ({exc})", rule="tensor-like", value=type(item))
+        if item.layout != torch.strided or item.is_nested or item.device.type == "meta":
+            raise InvalidRequestError(f"a tensor request must be a dense tensor with data, got layout "
+                                      f"{item.layout}{' (nested)' if item.is_nested else ''} on {item.device}",
+                                      rule="dense tensor", value=str(item.layout))
         if self.shape is None:
             self.shape = tuple(item.shape)
         if tuple(item.shape) != self.shape:

@@ -40,137 +40,25 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import math
-from collections.abc import AsyncIterator, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 
 from ._batching import Request
+from ._continuous_adapter import StepAdapter, StepOutput, TokenStreamer
+from ._continuous_policy import ContinuousPolicy
 from ._continuous_worker import DONE, TOKENS, Job, StepLoop, StepRecord
-from .adapter import Adapter, Prepared
-from .errors import (ContractError, DeadlineExceeded, InvalidRequestError, PolicyError, QueueFullError,
-                     RequestFailed, RequestTooLargeError, SchedulerClosed)
+from .errors import (DeadlineExceeded, InvalidRequestError, QueueFullError, RequestFailed, RequestTooLargeError,
+                     SchedulerClosed)
 from .metrics import percentile
-from .policy import BatchPolicy
+from .policy import _is_number
 
 __all__ = ["ContinuousPolicy", "ContinuousWorkload", "StepAdapter", "StepOutput", "StepRecord", "TokenStreamer"]
 
 log = logging.getLogger("batchplex")
 _INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 _END = object()
-
-
-@dataclass(frozen=True)
-class ContinuousPolicy:
-    """How a continuous workload admits requests: validated once, when the policy is made.
-
-    * ``max_active``: the most sequences in the running batch at once;
-    * ``max_batch_tokens``: the token budget of one step (one per continuing sequence, plus the prompt tokens of
-      the requests joining at that step); also the longest prompt a request may have;
-    * ``max_queue``: the most requests waiting to join; one more is refused at once with `QueueFullError`;
-    * ``priority_levels`` (higher served first) and ``priority_aging_ms`` (a request that waited this long joins
-      before any fresher one, so low levels never starve);
-    * ``default_timeout_s``: the deadline of requests submitted without ``timeout``;
-    * ``step_log``: how many `StepRecord` the workload keeps.
-    """
-
-    max_active: int = 64
-    max_batch_tokens: int = 2048
-    max_queue: int = 4096
-    priority_levels: int = 1
-    priority_aging_ms: float = 5000.0
-    default_timeout_s: float | None = None
-    step_log: int = 1024
-
-    def __post_init__(self) -> None:
-        for field in ("max_active", "max_batch_tokens", "max_queue", "step_log"):
-            value = getattr(self, field)
-            _require(_is_int(value) and value >= 1, field, value, "an int >= 1")
-        _require(self.max_batch_tokens >= self.max_active, "max_batch_tokens", self.max_batch_tokens,
-                 f"at least max_active ({self.max_active}): every active sequence needs one token per step")
-        _require(_is_int(self.priority_levels) and 1 <= self.priority_levels <= 16, "priority_levels",
-                 self.priority_levels, "an int from 1 to 16")
-        _require(_is_number(self.priority_aging_ms) and self.priority_aging_ms > 0, "priority_aging_ms",
-                 self.priority_aging_ms, "a number > 0")
-        if self.default_timeout_s is not None:
-            _require(_is_number(self.default_timeout_s) and self.default_timeout_s > 0, "default_timeout_s",
-                     self.default_timeout_s, "a number > 0 or None")
-
-    def waiting_policy(self) -> BatchPolicy:
-        """The policy of the waiting queue: one request at a time, in priority order, never waiting to batch."""
-        return BatchPolicy(max_batch_size=1, max_wait_ms=0.0, max_queue=self.max_queue,
-                           default_timeout_s=self.default_timeout_s, priority_levels=self.priority_levels,
-                           priority_aging_ms=self.priority_aging_ms)
-
-
-class StepOutput(NamedTuple):
-    """What one step produced for one sequence. A plain ``(handle, new_token_ids, finished)`` tuple also works."""
-
-    handle: Hashable
-    tokens: Sequence[int]
-    finished: bool
-    error: str | BaseException | None = None
-
-
-class TokenStreamer:
-    """Turns one stream's token ids into the items it yields (here: the ids themselves). Lives on the event loop."""
-
-    def push(self, new_tokens: Sequence[int]) -> list[Any]:
-        """The items to yield for the tokens one step produced."""
-        return list(new_tokens)
-
-    def finish(self) -> list[Any]:
-        """The items still held back when the sequence ends (e.g. an incomplete multi-byte character)."""
-        return []
-
-
-class StepAdapter(Adapter[Prepared]):
-    """Base class of adapters for step models, run by a `ContinuousWorkload` (see the module docstring).
-
-    It is a `batchplex.Adapter`, so step adapters are registered, found by name and configured exactly like batch
-    adapters (``register_adapters`` hook, ``add_workload(adapter="name", adapter_options=...)``); the batch-only
-    methods ``collate``/``split`` refuse to run. Every method but ``prepare``/``cost``/``streamer``/``result`` is
-    called on the workload's step thread only, so the adapter needs no lock for its running state.
-    """
-
-    def start(self, model: Any, device: torch.device, policy: ContinuousPolicy) -> None:
-        """Take ``model`` onto ``device`` and allocate what the steps need, sized by ``policy`` (step thread, once)."""
-        raise NotImplementedError(f"step adapter {self.name!r} must implement start()")
-
-    def admit(self, prepared: Prepared) -> Hashable:
-        """Add one request to the running batch; return its handle."""
-        raise NotImplementedError(f"step adapter {self.name!r} must implement admit()")
-
-    def step(self) -> Sequence[StepOutput | tuple]:
-        """Run one iteration for every admitted sequence; one `StepOutput` per sequence that made progress."""
-        raise NotImplementedError(f"step adapter {self.name!r} must implement step()")
-
-    def release(self, handle: Hashable) -> None:
-        """Forget the sequence ``handle`` and free its memory (finished, cancelled or timed out)."""
-        raise NotImplementedError(f"step adapter {self.name!r} must implement release()")
-
-    def close(self) -> None:
-        """Free everything ``start`` allocated (step thread, once, after the last step)."""
-
-    def memory(self) -> dict[str, Any]:
-        """Memory figures for `ContinuousWorkload.statistics` (e.g. the free fraction of a KV cache)."""
-        return {}
-
-    def result(self, prepared: Prepared, tokens: list[int]) -> Any:
-        """What ``submit`` returns for a sequence that generated ``tokens`` (event loop thread)."""
-        return tokens
-
-    def streamer(self, prepared: Prepared) -> TokenStreamer:
-        """The `TokenStreamer` of one ``stream`` (event loop thread)."""
-        return TokenStreamer()
-
-    def collate(self, items: Sequence[Prepared], device: torch.device, batch_size: int) -> Any:
-        raise ContractError(f"adapter {self.name!r} is a step adapter: run it in a continuous workload")
-
-    def split(self, output: Any, items: Sequence[Prepared]) -> Sequence[Any]:
-        raise ContractError(f"adapter {self.name!r} is a step adapter: run it in a continuous workload")
 
 
 class ContinuousWorkload:
@@ -424,16 +312,3 @@ def _fail(request: Request, error: BaseException) -> None:
         request.waiter.set_exception(error)
     except _INVALID_STATE:
         pass
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(ok: bool, field: str, value: object, expected: str) -> None:
-    if not ok:
-        raise PolicyError(f"ContinuousPolicy.{field} must be {expected}, got {value!r}")

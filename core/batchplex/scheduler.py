@@ -97,6 +97,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._accepting = False
+        self._handoff = threading.Lock()
         self._draining = False
         self._idle: asyncio.Event | None = None
 
@@ -172,7 +173,8 @@ class Scheduler:
         `SchedulerClosed`. Batches already running always finish. Worker threads are joined."""
         if self._loop is None:
             return
-        self._accepting = False
+        with self._handoff:
+            self._accepting = False
         if drain:
             self._draining = True
             for lane in self._lanes.values():
@@ -218,6 +220,9 @@ class Scheduler:
             loop.call_soon_threadsafe(loop.stop)
         self._loop_thread.join()
         self._loop_thread = None
+        if loop is not None:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
 
     def __enter__(self) -> Scheduler:
         return self.start()
@@ -235,8 +240,9 @@ class Scheduler:
         this request). Cancelling the await drops the request if it has not run yet.
         """
         target = self._workload(workload)
-        waiter = self._loop.create_future()
-        self._enqueue(target, self._accept(target, item, priority, timeout, params, waiter))
+        loop = self._loop
+        waiter = loop.create_future()
+        self._enqueue(target, self._accept(loop, target, item, priority, timeout, params, waiter))
         return await waiter
 
     def submit_nowait(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
@@ -246,12 +252,18 @@ class Scheduler:
         Bad input raises here, in the caller's thread. Cancelling the future drops the request if it has not run.
         """
         target = self._workload(workload)
+        loop = self._loop
+        if loop is None:
+            raise SchedulerClosed("the scheduler closed; no request is taken after close")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        request = self._accept(target, item, priority, timeout, params, future)
-        if _on_loop_thread(self._loop):
+        request = self._accept(loop, target, item, priority, timeout, params, future)
+        if _on_loop_thread(loop):
             self._enqueue(target, request)
-        else:
-            self._loop.call_soon_threadsafe(self._enqueue_or_fail, target, request)
+            return future
+        with self._handoff:  # close() flips _accepting under this lock: a request is handed over or refused
+            if not self._accepting:
+                raise SchedulerClosed(f"workload {workload!r}: the scheduler closed; request not taken")
+            loop.call_soon_threadsafe(self._enqueue_or_fail, target, request)
         return future
 
     def _workload(self, name: str) -> Workload:
@@ -264,8 +276,8 @@ class Scheduler:
             known = ", ".join(sorted(self._workloads)) or "none"
             raise UnknownWorkloadError(f"no workload named {name!r} (known: {known})") from None
 
-    def _accept(self, workload: Workload, item: Any, priority: int, timeout: float | None, params: dict,
-                waiter: Any) -> Request:
+    def _accept(self, loop: asyncio.AbstractEventLoop, workload: Workload, item: Any, priority: int,
+                timeout: float | None, params: dict, waiter: Any) -> Request:
         """Validate and prepare one request (caller's thread); bad input raises here, for this caller only."""
         policy = workload.policy
         stats = workload.stats
@@ -282,13 +294,18 @@ class Scheduler:
             if error.workload is None:
                 error.workload = workload.name
             raise
+        except Exception as error:  # an adapter that did not foresee this input: still this caller's error
+            stats.rejected_invalid += 1
+            raise InvalidRequestError(f"adapter {workload.adapter.name!r} could not prepare this request: "
+                                      f"{type(error).__name__}: {error}", workload=workload.name,
+                                      rule="adapter.prepare", value=type(item).__name__) from error
         if cost > policy.max_cost:
             stats.rejected_invalid += 1
             rule = "last bucket edge" if policy.bucket_edges else "max_batch_cost"
             raise RequestTooLargeError(f"request cost {cost} exceeds the {rule} ({policy.max_cost}); truncate it "
                                        f"(adapter option) or raise the policy's limit", workload=workload.name,
                                        rule=rule, value=cost)
-        now = self._loop.time()
+        now = loop.time()
         if timeout is None:
             timeout = policy.default_timeout_s
         elif not (isinstance(timeout, (int, float)) and timeout > 0):

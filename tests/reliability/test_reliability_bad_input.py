@@ -47,13 +47,7 @@ def test_the_committed_table_is_what_the_code_does(table, adapter):
         f"{bad_input.DOC_PATH} is out of date for {adapter!r}; run {bad_input.REGENERATE}")
 
 
-KNOWN_UNTYPED = {"tensor": "TensorAdapter.prepare lets sparse, meta and nested tensors raise torch's own "
-                           "NotImplementedError/RuntimeError at submit instead of InvalidRequestError"}
-
-
-@pytest.mark.parametrize("adapter", [
-    pytest.param(s.adapter, marks=pytest.mark.xfail(strict=True, reason=KNOWN_UNTYPED[s.adapter]))
-    if s.adapter in KNOWN_UNTYPED else s.adapter for s in bad_input.SECTIONS])
+@pytest.mark.parametrize("adapter", [s.adapter for s in bad_input.SECTIONS])
 def test_every_refusal_at_submit_is_typed(table, adapter):
     section = sections(table)[adapter]
     if "skipped" in section:
@@ -61,7 +55,6 @@ def test_every_refusal_at_submit_is_typed(table, adapter):
     assert_kept([check_bad_input_typed(section)])
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_UNTYPED["tensor"])
 @pytest.mark.parametrize("make", [lambda: torch.zeros(4).to_sparse(), lambda: torch.empty(4, device="meta")],
                          ids=["sparse", "meta"])
 def test_tensor_adapter_refuses_tensors_without_plain_data_with_a_typed_error(make):

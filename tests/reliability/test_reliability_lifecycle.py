@@ -1,6 +1,6 @@
 """Cases 4 and 5 of the reliability suite, short versions: cancellation storms and shutdown under load.
 
-Also the minimal reproductions of what these cases found in the core (marked ``xfail(strict=True)`` until fixed).
+Also minimal reproductions of core bugs these cases found (now fixed), kept as regression tests.
 """
 
 import asyncio
@@ -45,8 +45,6 @@ class SlowPrepare(FakeAdapter):
         return super().prepare(item, **params)
 
 
-@pytest.mark.xfail(strict=True, reason="Scheduler.submit_nowait reads self._loop after close() set it to None: a "
-                   "threaded caller whose submit overlaps close() gets AttributeError, not SchedulerClosed")
 def test_a_threaded_submit_that_overlaps_close_gets_scheduler_closed():
     release = threading.Event()
     scheduler = Scheduler(autoload=False)
@@ -72,8 +70,6 @@ def test_a_threaded_submit_that_overlaps_close_gets_scheduler_closed():
     assert "result" in outcome or isinstance(outcome.get("error"), SchedulerClosed), outcome
 
 
-@pytest.mark.xfail(strict=True, reason="Scheduler.close() stops its background event loop but never closes it "
-                   "(ResourceWarning: unclosed event loop)")
 def test_close_releases_the_background_event_loop():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -88,9 +84,8 @@ def test_close_releases_the_background_event_loop():
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="DeviceExecutor._serve calls torch.cuda.set_device(torch.device('cuda')), "
-                   "which needs an index (torch 2.11): every stage thread dies at start and requests wait forever")
 def test_a_workload_on_a_bare_cuda_device_runs():
+    """A bare ``"cuda"`` once killed every executor thread at start (set_device needs an index on torch 2.11)."""
     async def scenario() -> torch.Tensor:
         scheduler = Scheduler(autoload=False)
         scheduler.add_workload("w", adapter="tensor", model=lambda batch: batch * 2, device="cuda")

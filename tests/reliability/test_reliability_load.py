@@ -1,6 +1,6 @@
 """Cases 3 and 7 of the reliability suite, short versions: overload at 10x capacity, and a soak at 70% load.
 
-Also the minimal reproductions of what these cases found in the core (marked ``xfail(strict=True)`` until fixed).
+Also minimal reproductions of core bugs these cases found (now fixed), kept as regression tests.
 """
 
 import asyncio
@@ -30,16 +30,11 @@ def test_soak_at_70_percent_load_accounts_for_every_request(device):
         assert accounting["callers"]["invalid"] > 0, f"{name}: bad input was part of the mix"
 
 
-@pytest.mark.xfail(strict=True, reason="RequestQueue.push compacts the whole queue on every refused submit: a "
-                   "refusal costs O(max_queue) (about 0.3-0.6 ms at the default max_queue=4096)")
 def test_a_refused_submit_costs_the_same_whatever_the_queue_bound():
     result = harness.run(scenarios.rejection_cost(max_queues=(16, 4096), rejections=300))
     assert_kept(check_rejection_cost(result))
 
 
-@pytest.mark.xfail(strict=True, reason="RequestQueue keeps finished requests in its deadline heap until every "
-                   "earlier deadline is gone: requests with long timeouts (and their results) stay alive while a "
-                   "request with a nearer deadline is queued")
 def test_finished_requests_are_not_kept_alive_by_the_deadline_heap():
     async def scenario() -> int:
         adapter = FakeAdapter(cost_of=lambda value: 2 if value < 0 else 1)

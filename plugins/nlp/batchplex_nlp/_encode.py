@@ -1,0 +1,139 @@
+"""Turning one request into token ids at submit: a text, a pair of texts, or ids the caller tokenized already.
+
+A fast tokenizer is driven through a private copy of its Rust backend (``tokenizers.Tokenizer``), configured once
+with no padding and, by option, truncation at ``max_length``. Why not ``tokenizer(text)``:
+
+* it is slower per request: measured on a 2-core AMD EPYC, 39 us vs 17 us for a 12-token text, 181 us vs 98 us
+  for 72 tokens and 963 us vs 592 us for 482 tokens (``encode_batch_fast([text])``; ``encode`` and
+  ``encode_batch`` also compute character offsets, which the model never needs: 20-770 us);
+* ``encode_batch_fast`` releases the GIL while it tokenizes, so other Python threads (the scheduler's collate, run
+  and finish threads) keep running; ``encode`` holds it;
+* the user's tokenizer keeps padding and truncation as mutable state on its backend, which every
+  ``tokenizer(...)`` call resets: configuring that shared object would race with the caller's own use of it.
+
+A slow (pure Python) tokenizer has no backend and is called as ``tokenizer(text, pair, ...)`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+from batchplex import InvalidRequestError, RequestTooLargeError
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Encoded", "TextEncoder"]
+
+_REQUEST_FORMS = "a str, a (str, str) pair, or token ids (a list of ints or a 1-D integer tensor/array)"
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One prepared request: its token ids (special tokens included) and, when not all zero, its segment ids."""
+
+    ids: np.ndarray                 # int32, shape (length,)
+    type_ids: np.ndarray | None     # int8, shape (length,); None when every segment id is 0
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.size)
+
+
+class TextEncoder:
+    """Tokenizes one request at a time without padding, truncating or rejecting what exceeds ``max_length``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, truncate: bool,
+                 allow_empty: bool) -> None:
+        self.max_length = max_length
+        self.truncate = truncate
+        self.allow_empty = allow_empty
+        self.vocab_size = len(tokenizer)
+        self.truncation_side = tokenizer.truncation_side
+        self.makes_type_ids = "token_type_ids" in tokenizer.model_input_names
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenize: Callable[[str, str | None], tuple[list[int], list[int] | None]]
+        if isinstance(backend, tokenizers.Tokenizer):
+            own = tokenizers.Tokenizer.from_str(backend.to_str())
+            own.no_padding()
+            if truncate:
+                own.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
+            else:
+                own.no_truncation()
+            self._batch_encode = getattr(own, "encode_batch_fast", own.encode_batch)
+            self._tokenize = self._tokenize_fast
+        else:
+            self._tokenizer = tokenizer
+            self._tokenize = self._tokenize_slow
+
+    # ------------------------------------------------------------------ entry point
+    def encode(self, item: Any) -> Encoded:
+        """Validate and tokenize one request; bad input raises `InvalidRequestError` naming the rule."""
+        if isinstance(item, str):
+            return self._encode_text(item, None)
+        if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(part, str) for part in item):
+            return self._encode_text(item[0], item[1])
+        if isinstance(item, (list, tuple, np.ndarray, torch.Tensor)):
+            return self._encode_ids(item)
+        raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; got {type(item).__name__}",
+                                  rule="text, text pair or token ids", value=type(item).__name__)
+
+    # ------------------------------------------------------------------ texts
+    def _encode_text(self, text: str, pair: str | None) -> Encoded:
+        if not self.allow_empty and (not text.strip() or (pair is not None and not pair.strip())):
+            raise InvalidRequestError("the text is empty or only whitespace; send some text, or configure the "
+                                      "adapter with allow_empty=True to embed it anyway",
+                                      rule="non-empty text", value=text if not text.strip() else pair)
+        ids, type_ids = self._tokenize(text, pair)
+        length = len(ids)
+        if length == 0:
+            raise InvalidRequestError("the text tokenizes to no token at all and the tokenizer adds no special "
+                                      "token, so there is nothing to run", rule="at least one token", value=text)
+        if length > self.max_length:  # only without truncation
+            raise self._too_long(length)
+        types = np.array(type_ids, dtype=np.int8) if type_ids is not None and any(type_ids) else None
+        return Encoded(np.array(ids, dtype=np.int32), types)
+
+    def _tokenize_fast(self, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
+        encoding = self._batch_encode([text if pair is None else (text, pair)])[0]
+        return encoding.ids, encoding.type_ids if self.makes_type_ids else None
+
+    def _tokenize_slow(self, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
+        encoding = self._tokenizer(text, pair, add_special_tokens=True, truncation=self.truncate,
+                                   max_length=self.max_length if self.truncate else None,
+                                   return_attention_mask=False, return_token_type_ids=self.makes_type_ids)
+        return encoding["input_ids"], encoding.get("token_type_ids")
+
+    # ------------------------------------------------------------------ token ids
+    def _encode_ids(self, item: Any) -> Encoded:
+        try:
+            ids = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; could not read token ids "
+                                      f"({exc})", rule="text, text pair or token ids", value=type(item).__name__)
+        if ids.size == 0:
+            raise InvalidRequestError("the token id sequence is empty; send at least one id",
+                                      rule="at least one token", value=[])
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; token ids must be a flat "
+                                      f"sequence of ints, got shape {ids.shape} of {ids.dtype}",
+                                      rule="text, text pair or token ids", value=f"{ids.dtype}{list(ids.shape)}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise InvalidRequestError(f"token id {int(ids[bad][0])} is outside the tokenizer's vocabulary "
+                                      f"[0, {self.vocab_size})", rule="token ids within the vocabulary",
+                                      value=int(ids[bad][0]))
+        if ids.size > self.max_length:
+            if not self.truncate:
+                raise self._too_long(int(ids.size))
+            ids = ids[-self.max_length:] if self.truncation_side == "left" else ids[:self.max_length]
+        return Encoded(ids.astype(np.int32), None)
+
+    def _too_long(self, length: int) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"the request is {length} tokens long, more than max_length={self.max_length} (overflow='reject'); "
+            f"shorten it, or configure the adapter with overflow='truncate'",
+            rule="length <= max_length", value=length)
