@@ -6,6 +6,7 @@ priorities, deadlines, back-pressure) and finds workload adapters through pluggy
 """
 
 from .adapter import Adapter
+from .continuous import ContinuousPolicy, ContinuousWorkload, StepAdapter, StepOutput, StepRecord, TokenStreamer
 from .errors import (BatchplexError, ContractError, DeadlineExceeded, DuplicateAdapterError, InvalidRequestError,
                      PluginError, PolicyError, QueueFullError, RequestFailed, RequestTooLargeError,
                      SchedulerClosed, UnknownAdapterError, UnknownWorkloadError)
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "BatchPolicy", "BatchRecord", "Scheduler", "hookimpl",
+    "ContinuousPolicy", "ContinuousWorkload", "StepAdapter", "StepOutput", "StepRecord", "TokenStreamer",
     "BatchplexError", "ContractError", "DeadlineExceeded", "DuplicateAdapterError", "InvalidRequestError",
     "PluginError", "PolicyError", "QueueFullError", "RequestFailed", "RequestTooLargeError", "SchedulerClosed",
     "UnknownAdapterError", "UnknownWorkloadError",

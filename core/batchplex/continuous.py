@@ -37,7 +37,6 @@ bounded log of `StepRecord` (which requests ran in which step) for tests and deb
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 
 from ._batching import Request
+from ._outcomes import fail, resolve
 from ._continuous_adapter import StepAdapter, StepOutput, TokenStreamer
 from ._continuous_policy import ContinuousPolicy
 from ._continuous_worker import DONE, TOKENS, Job, StepLoop, StepRecord
@@ -57,7 +57,6 @@ from .policy import _is_number
 __all__ = ["ContinuousPolicy", "ContinuousWorkload", "StepAdapter", "StepOutput", "StepRecord", "TokenStreamer"]
 
 log = logging.getLogger("batchplex")
-_INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 _END = object()
 
 
@@ -110,7 +109,7 @@ class ContinuousWorkload:
         self._accepting = False
         if not drain:
             for request in worker.abort():
-                _fail(request, SchedulerClosed(f"workload {self.name!r}: closed before this request ran "
+                fail(request, SchedulerClosed(f"workload {self.name!r}: closed before this request ran "
                                                f"(aclose(drain=False))"))
         await asyncio.to_thread(worker.stop)
 
@@ -209,11 +208,11 @@ class ContinuousWorkload:
                                             f"{job.request_id!r}: {error!r}")
                     payload.__cause__ = error
                 else:
-                    _resolve(request, result)
+                    resolve(request, result)
                     continue
             if isinstance(payload, DeadlineExceeded) and job.admitted:
                 payload.partial_output = self._partial(job)
-            _fail(request, payload)
+            fail(request, payload)
 
     def _partial(self, job: Job) -> Any:
         try:
@@ -298,17 +297,3 @@ async def _iterate(sink: _Sink) -> AsyncIterator[Any]:
 
 def _percentiles(samples: list[float]) -> dict[str, float | None]:
     return {f"p{q}": None if (value := percentile(samples, q)) is None else value * 1000.0 for q in (50, 90, 99)}
-
-
-def _resolve(request: Request, result: Any) -> None:
-    try:
-        request.waiter.set_result(result)
-    except _INVALID_STATE:  # the caller cancelled meanwhile
-        pass
-
-
-def _fail(request: Request, error: BaseException) -> None:
-    try:
-        request.waiter.set_exception(error)
-    except _INVALID_STATE:
-        pass

@@ -18,12 +18,16 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from ._batching import Request, RequestQueue
+from ._outcomes import fail, resolve
+from ._continuous_adapter import StepAdapter
+from ._continuous_policy import ContinuousPolicy
+from .continuous import ContinuousWorkload
 from ._executor import BatchJob, DeviceExecutor
 from ._graphs import GraphedModel
 from .adapter import Adapter
@@ -36,7 +40,6 @@ from .policy import BatchPolicy
 __all__ = ["Scheduler", "Workload"]
 
 log = logging.getLogger("batchplex")
-_INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 
 
 class _Lane:
@@ -93,6 +96,7 @@ class Scheduler:
         self.plugins = PluginHost(plugins, autoload)
         self.pipeline_depth = pipeline_depth
         self._workloads: dict[str, Workload] = {}
+        self._continuous: dict[str, ContinuousWorkload] = {}
         self._lanes: dict[torch.device, _Lane] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -123,7 +127,7 @@ class Scheduler:
         captures the model once per input shape on CUDA devices and replays it (pair it with
         ``preferred_batch_sizes``); where a model cannot be captured, or on the CPU, it runs eagerly.
         """
-        if name in self._workloads:
+        if name in self._workloads or name in self._continuous:
             raise ValueError(f"a workload named {name!r} exists already")
         if not (isinstance(weight, (int, float)) and weight > 0):
             raise ValueError(f"workload {name!r}: weight must be a number > 0, got {weight!r}")
@@ -134,6 +138,8 @@ class Scheduler:
         if not isinstance(adapter, Adapter):
             raise TypeError(f"workload {name!r}: adapter must be an Adapter or a registered adapter's name, "
                             f"got {type(adapter).__name__}")
+        if isinstance(adapter, StepAdapter):
+            return self._add_continuous(name, adapter, model, policy, device, weight, cuda_graphs)
         devices = _devices(device)
         models = _replicas(name, model, devices)
         if cuda_graphs:
@@ -156,12 +162,30 @@ class Scheduler:
         self._workloads[name] = workload
         return workload
 
+    def _add_continuous(self, name: str, adapter: StepAdapter, model: Any, policy: Any, device: Any,
+                        weight: float, cuda_graphs: bool) -> ContinuousWorkload:
+        """A step adapter (generation) runs iteration-level batching on its own step loop."""
+        if policy is not None and not isinstance(policy, ContinuousPolicy):
+            raise TypeError(f"workload {name!r}: a step adapter takes a ContinuousPolicy, got "
+                            f"{type(policy).__name__}")
+        devices = _devices(device)
+        if len(devices) != 1 or cuda_graphs or weight != 1.0:
+            raise ValueError(f"workload {name!r}: a continuous workload runs on one device, without cuda_graphs "
+                             f"or weight")
+        workload = self._continuous[name] = ContinuousWorkload(name, adapter, policy, model=model,
+                                                                device=devices[0])
+        if self._loop is not None:
+            workload.start(self._loop)
+        return workload
+
     # ------------------------------------------------------------------ life cycle
     async def __aenter__(self) -> Scheduler:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         for lane in self._lanes.values():
             lane.executor = self._new_executor(lane.device)
+        for continuous in self._continuous.values():
+            await asyncio.to_thread(continuous.start, self._loop)
         self._accepting = True
         return self
 
@@ -175,6 +199,7 @@ class Scheduler:
             return
         with self._handoff:
             self._accepting = False
+        await asyncio.gather(*(continuous.aclose(drain) for continuous in self._continuous.values()))
         if drain:
             self._draining = True
             for lane in self._lanes.values():
@@ -182,7 +207,7 @@ class Scheduler:
         else:
             for workload in self._workloads.values():
                 for request in workload.queue.drain():
-                    _fail(request, SchedulerClosed(f"workload {workload.name!r}: the scheduler closed before "
+                    fail(request, SchedulerClosed(f"workload {workload.name!r}: the scheduler closed before "
                                                    f"this request ran (close(drain=False))"))
         while not self._quiet():
             self._idle.clear()
@@ -239,6 +264,9 @@ class Scheduler:
         later `DeadlineExceeded` (not run before ``timeout`` seconds) or `RequestFailed` (the model failed on
         this request). Cancelling the await drops the request if it has not run yet.
         """
+        if workload in self._continuous:
+            self._check_accepting()
+            return await self._continuous[workload].submit(item, priority=priority, timeout=timeout, **params)
         target = self._workload(workload)
         loop = self._loop
         waiter = loop.create_future()
@@ -251,6 +279,10 @@ class Scheduler:
 
         Bad input raises here, in the caller's thread. Cancelling the future drops the request if it has not run.
         """
+        if workload in self._continuous:
+            self._check_accepting()
+            return asyncio.run_coroutine_threadsafe(self.submit(workload, item, priority=priority, timeout=timeout,
+                                                                **params), self._loop)
         target = self._workload(workload)
         loop = self._loop
         if loop is None:
@@ -266,14 +298,30 @@ class Scheduler:
             loop.call_soon_threadsafe(self._enqueue_or_fail, target, request)
         return future
 
-    def _workload(self, name: str) -> Workload:
+    def stream(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
+               **params: Any) -> AsyncIterator[Any]:
+        """Submit to a continuous (generation) workload and iterate over its tokens as they are produced.
+
+        Bad input raises here, at the call; later errors raise from the iteration. Leaving the loop early releases
+        the sequence.
+        """
+        self._check_accepting()
+        if workload not in self._continuous:
+            known = ", ".join(sorted(self._continuous)) or "none"
+            raise UnknownWorkloadError(f"no continuous workload named {workload!r} to stream from (known: {known})")
+        return self._continuous[workload].stream(item, priority=priority, timeout=timeout, **params)
+
+    def _check_accepting(self) -> None:
         if not self._accepting:
             raise SchedulerClosed("the scheduler is not running: use `async with Scheduler()` or start(); "
                                   "no request is taken after close")
+
+    def _workload(self, name: str) -> Workload:
+        self._check_accepting()
         try:
             return self._workloads[name]
         except KeyError:
-            known = ", ".join(sorted(self._workloads)) or "none"
+            known = ", ".join(sorted([*self._workloads, *self._continuous])) or "none"
             raise UnknownWorkloadError(f"no workload named {name!r} (known: {known})") from None
 
     def _accept(self, loop: asyncio.AbstractEventLoop, workload: Workload, item: Any, priority: int,
@@ -319,7 +367,7 @@ class Scheduler:
         try:
             self._enqueue(workload, request)
         except BatchplexError as error:
-            _fail(request, error)
+            fail(request, error)
 
     def _enqueue(self, workload: Workload, request: Request) -> None:
         if not self._accepting:
@@ -379,7 +427,7 @@ class Scheduler:
     def _expire(self, workload: Workload, now: float) -> None:
         for request in workload.queue.expire(now):
             workload.stats.timeouts += 1
-            _fail(request, DeadlineExceeded(
+            fail(request, DeadlineExceeded(
                 f"workload {workload.name!r}: request waited {now - request.arrival:.3f}s in the queue, past its "
                 f"timeout of {request.deadline - request.arrival:.3f}s; it did not run"))
 
@@ -432,10 +480,10 @@ class Scheduler:
         failed = 0
         for request, result, error in zip(job.requests, job.results, job.errors):
             if error is None:
-                _resolve(request, result)
+                resolve(request, result)
             else:
                 failed += 1
-                _fail(request, error)
+                fail(request, error)
         stats.completed += len(job.requests) - failed
         stats.failed += failed
         workload.device_time += job.run_s
@@ -475,6 +523,8 @@ class Scheduler:
             report[name]["cancelled"] = cancelled
             report[name]["max_batch_size_now"] = workload.queue.batch_limit
             report[name]["max_wait_ms_now"] = workload.queue.max_wait_s * 1000.0
+        for name, continuous in self._continuous.items():
+            report[name] = continuous.statistics()
         return report
 
     @property
@@ -522,17 +572,3 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop | None) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def _resolve(request: Request, result: Any) -> None:
-    try:
-        request.waiter.set_result(result)
-    except _INVALID_STATE:  # the caller cancelled meanwhile
-        pass
-
-
-def _fail(request: Request, error: BaseException) -> None:
-    try:
-        request.waiter.set_exception(error)
-    except _INVALID_STATE:
-        pass

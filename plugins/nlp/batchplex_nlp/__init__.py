@@ -1,7 +1,8 @@
 """batchplex-nlp: batchplex adapters for text models.
 
-Registers the ``text`` adapter (encoders: embeddings, per-token states, classification logits) through the
-``register_adapters`` hook; the plugin's entry-point name is ``nlp``.
+Registers the ``text`` adapter (encoders: embeddings, per-token states, classification logits) and the
+``generation`` adapter (causal LMs, continuous batching with streamed tokens) through the ``register_adapters``
+hook, and offers the ``embed`` example workload to ``batchplex demo``; the plugin's entry-point name is ``nlp``.
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     scheduler.add_workload("embed", adapter="text", adapter_options={"tokenizer": tokenizer},
@@ -15,13 +16,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import batchplex
+import torch
 
+from batchplex.workloads import ExampleWorkload
+
+from .generation import GenerationAdapter
 from .model import HFModel
 from .text import OUTPUTS, TextAdapter
 
-__all__ = ["HFModel", "OUTPUTS", "TextAdapter", "register_adapters"]
+__all__ = ["GenerationAdapter", "HFModel", "OUTPUTS", "TextAdapter", "register_adapters", "example_workloads"]
 
 
 @batchplex.hookimpl
 def register_adapters(register: Callable[[batchplex.Adapter], None]) -> None:
     register(TextAdapter())
+    register(GenerationAdapter())
+
+
+@batchplex.hookimpl
+def example_workloads(device: torch.device) -> list[ExampleWorkload]:
+    from ._examples import nlp_examples
+
+    return nlp_examples(device)
