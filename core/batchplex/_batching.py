@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import weakref
 from collections import deque
 from typing import Any
 
@@ -30,7 +31,8 @@ _sequence = itertools.count()
 class Request:
     """One accepted request: the prepared item, its cost and timing, and the future its caller awaits."""
 
-    __slots__ = ("item", "cost", "arrival", "deadline", "priority", "waiter", "state", "bucket", "seq")
+    __slots__ = ("item", "cost", "arrival", "deadline", "priority", "waiter", "state", "bucket", "seq",
+                 "__weakref__")
 
     def __init__(self, item: Any, cost: int, arrival: float, deadline: float | None, priority: int,
                  waiter: Any) -> None:
@@ -46,6 +48,11 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request #{self.seq} cost={self.cost} priority={self.priority} state={self.state}>"
+
+
+def _queued(request: Request | None) -> bool:
+    """Still waiting in the queue: not taken, expired, drained or cancelled by its caller."""
+    return request is not None and request.state == QUEUED and not request.waiter.done()
 
 
 class _Bucket:
@@ -72,7 +79,8 @@ class RequestQueue:
         self.memory_cap = policy.max_batch_size
         self.deadline_margin_s = 0.0  # expected run time of a batch: leave early enough to meet deadlines
         self._buckets = [_Bucket(policy.priority_levels) for _ in range(policy.bucket_count)]
-        self._deadlines: list[tuple[float, int, Request]] = []
+        # (deadline, seq, weak reference): a finished request is not kept alive by the heap until it surfaces
+        self._deadlines: list[tuple[float, int, weakref.ref]] = []
         self.depth = 0
         self.cancelled_seen = 0
         self._refusals = 0
@@ -107,10 +115,9 @@ class RequestQueue:
             bucket.max_cost = request.cost
         self.depth += 1
         if request.deadline is not None:
-            heapq.heappush(self._deadlines, (request.deadline, request.seq, request))
-            if len(self._deadlines) > 2 * self.depth + 64:  # drop finished requests the heap still holds
-                self._deadlines = [entry for entry in self._deadlines
-                                   if entry[2].state == QUEUED and not entry[2].waiter.done()]
+            heapq.heappush(self._deadlines, (request.deadline, request.seq, weakref.ref(request)))
+            if len(self._deadlines) > 2 * self.depth + 64:  # drop entries of finished requests (amortized)
+                self._deadlines = [entry for entry in self._deadlines if _queued(entry[2]())]
                 heapq.heapify(self._deadlines)
         if bucket.entries > 2 * self.policy.max_queue + 64:
             self._compact()
@@ -128,8 +135,8 @@ class RequestQueue:
         expired = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            _, _, request = heapq.heappop(heap)
-            if request.state == QUEUED and not request.waiter.done():
+            request = heapq.heappop(heap)[2]()
+            if _queued(request):
                 request.state = DONE
                 self._forget(request)
                 expired.append(request)
@@ -169,7 +176,7 @@ class RequestQueue:
         deadline = self.tightest_deadline()
         urgent_bucket = -1
         if deadline is not None and deadline - self.deadline_margin_s <= now:
-            urgent_bucket = self._deadlines[0][2].bucket
+            urgent_bucket = self._deadlines[0][2]().bucket
         best, best_key = None, None
         for index, bucket in enumerate(self._buckets):
             head = self._oldest(bucket)
@@ -280,8 +287,7 @@ class RequestQueue:
     def tightest_deadline(self) -> float | None:
         heap = self._deadlines
         while heap:
-            request = heap[0][2]
-            if request.state == QUEUED and not request.waiter.done():
+            if _queued(heap[0][2]()):
                 return heap[0][0]
             heapq.heappop(heap)
         return None

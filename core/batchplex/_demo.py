@@ -121,7 +121,9 @@ async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float
                                    model=example.model, policy=example.policy, device=target)
         if setup is not None:
             setup(scheduler)
-        rates = {w.name: _rate(w, target) * load for w in examples}
+        console.print("measuring each model's batch time to set the offered load ...")
+        rates = {w.name: load * _rate(scheduler.workloads[w.name], w, len(examples)) for w in examples}
+        console.print("offered load (requests/s): " + ", ".join(f"{n} {r:.0f}" for n, r in rates.items()))
         loop = asyncio.get_running_loop()
         until = loop.time() + duration_s
         drivers = asyncio.gather(*(
@@ -145,7 +147,20 @@ async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float
     return scheduler.statistics()
 
 
-def _rate(workload: ExampleWorkload, device: torch.device) -> float:
-    """Requests per second offered to a workload: modest on the CPU, higher on a GPU."""
-    base = workload.policy.max_batch_size / (0.05 if device.type == "cpu" else 0.01)
-    return min(base, 400.0 if device.type == "cpu" else 5000.0)
+def _rate(workload: Any, example: ExampleWorkload, sharing: int, share_of_capacity: float = 0.8) -> float:
+    """Requests per second to offer: a share of what the model does alone with full batches, divided among the
+    workloads that share the device (measured with one warm-up and one timed batch)."""
+    device = next(iter(workload.models))
+    model = workload.models[device]
+    rng = random.Random(0)
+    size = workload.policy.max_batch_size
+    items = [workload.adapter.prepare(example.make_request(rng)) for _ in range(size)]
+    with torch.inference_mode():
+        for _ in range(2):  # the first run warms up; the second is timed
+            started = time.perf_counter()
+            inputs = workload.adapter.collate(items, device, workload.policy.padded_size(size))
+            workload.adapter.postprocess(model(inputs), inputs, items)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    batch_s = max(time.perf_counter() - started, 1e-4)
+    return share_of_capacity * size / batch_s / sharing
