@@ -51,9 +51,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_only(run: Callable[[], Any], items_per_call: int, device: torch.device, *, warmup: int = 5,
-               repeats: int = 30) -> dict[str, float]:
-    """Throughput of ``run()`` alone (inputs already on the device): items/s and median ms per call."""
+def timed(run: Callable[[], Any], device: torch.device, *, warmup: int = 5, repeats: int = 30) -> dict[str, float]:
+    """Median, 10th and 90th percentile milliseconds of ``run()``, the device synchronised after each run."""
     with torch.inference_mode():
         for _ in range(warmup):
             run()
@@ -64,8 +63,16 @@ def model_only(run: Callable[[], Any], items_per_call: int, device: torch.device
             run()
             synchronize(device)
             times.append(time.perf_counter() - started)
-    median = statistics.median(times)
-    return {"items_per_s": items_per_call / median, "ms_per_call": median * 1000}
+    times.sort()
+    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
+            "p90_ms": times[len(times) * 9 // 10] * 1e3}
+
+
+def model_only(run: Callable[[], Any], items_per_call: int, device: torch.device, *, warmup: int = 5,
+               repeats: int = 30) -> dict[str, float]:
+    """Throughput of ``run()`` alone (inputs already on the device): items/s and median ms per call."""
+    median_ms = timed(run, device, warmup=warmup, repeats=repeats)["median_ms"]
+    return {"items_per_s": items_per_call / (median_ms / 1e3), "ms_per_call": median_ms}
 
 
 async def saturate(scheduler: Any, workload: str, make_request: Callable[[random.Random], Any], *,

@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from batchplex_recsys import RankingAdapter, RankingRequest
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, random_request
-from harness import synchronize, write_results
+from harness import timed, write_results
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 
@@ -52,22 +49,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.out = args.out or f"recsys-collate-{args.device}"
     return args
-
-
-def timed(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median, 10th and 90th percentile milliseconds of ``run()`` (device synchronized after each run)."""
-    for _ in range(warmup):
-        run()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    times.sort()
-    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
-            "p90_ms": times[len(times) * 9 // 10] * 1e3}
 
 
 def per_feature_jagged(requests: list[RankingRequest], device: torch.device) -> tuple[Any, torch.Tensor]:
@@ -124,8 +105,8 @@ def main() -> None:
         f"{args.requests} x {len(SPARSE_KEYS)} small tensors concatenated": lambda: small_tensors(requests, device),
     }
     with torch.inference_mode():
-        results = {name: timed(run, device, args.warmup, args.repeats) for name, run in measure.items()}
-        prepare = timed(lambda: [adapter.prepare(request) for request in requests], device, 3,
+        results = {name: timed(run, device, warmup=args.warmup, repeats=args.repeats) for name, run in measure.items()}
+        prepare = timed(lambda: [adapter.prepare(request) for request in requests], device, warmup=3, repeats=
                         max(5, args.repeats // 50))
     ids = reference.sparse_features.values().numel()
     ours = results["batchplex ranking adapter (collate)"]["median_ms"]

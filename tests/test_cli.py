@@ -1,6 +1,5 @@
 """The ``batchplex`` command: the demo runs to completion; ``plugins`` lists what is installed."""
 
-import torch
 
 from batchplex import cli
 from batchplex._demo import run_demo

@@ -9,12 +9,12 @@ assert on step membership, never on timing.
 import asyncio
 import itertools
 import threading
-import time
 
 import pytest
 
 from batchplex import (DeadlineExceeded, InvalidRequestError, PolicyError, QueueFullError, RequestFailed,
                        RequestTooLargeError, SchedulerClosed)
+from batchplex.testing import wait_until
 from batchplex.continuous import ContinuousPolicy, ContinuousWorkload, StepAdapter, StepOutput
 
 
@@ -79,12 +79,6 @@ class CountingAdapter(StepAdapter):
     def memory(self):
         return {"live": len(self.live)}
 
-
-async def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
 
 
 @pytest.fixture

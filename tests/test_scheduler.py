@@ -10,7 +10,7 @@ import torch
 
 import batchplex
 from batchplex import BatchPolicy, Scheduler
-from batchplex.testing import FakeAdapter
+from batchplex.testing import FakeAdapter, wait_until
 
 
 def linear():
@@ -32,12 +32,6 @@ class Gate:
         assert self.release.wait(10), "test never released the gate"
         return batch
 
-
-async def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ the others (and padded, if asked), equals its result run alone.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +18,7 @@ from .adapter import Adapter, check_split
 from .collate import split_rows, stack_to_device
 from .errors import InvalidRequestError
 
-__all__ = ["FakeAdapter", "check_adapter", "assert_same_result"]
+__all__ = ["FakeAdapter", "check_adapter", "assert_same_result", "wait_until"]
 
 
 class FakeAdapter(Adapter[tuple]):
@@ -101,3 +103,11 @@ def _run(adapter: Adapter, items: list, model: Callable, device: torch.device, b
     inputs = adapter.collate(items, device, batch_size)
     output = adapter.postprocess(model(inputs), inputs, items)
     return list(check_split(adapter.name, adapter.split(output, items), len(items)))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, poll: float = 0.001) -> None:
+    """Wait on the event loop until ``predicate()`` holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"condition not reached within {timeout} s"
+        await asyncio.sleep(poll)

@@ -7,7 +7,6 @@ import asyncio
 import gc
 import weakref
 
-import pytest
 
 from batchplex import BatchPolicy, Scheduler
 from batchplex.testing import FakeAdapter

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 
 import pytest
 import torch
 from batchplex import DeadlineExceeded, InvalidRequestError, RequestTooLargeError
+from batchplex.testing import wait_until
 from batchplex.continuous import ContinuousPolicy, ContinuousWorkload
 from batchplex_nlp.generation import GenerationAdapter
 from batchplex_nlp.testing import minilm_dir
@@ -72,12 +72,6 @@ async def running(tokenizer, device, policy=None, **options):
     finally:
         await workload.aclose(drain=False)
 
-
-async def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
 
 
 def admitted_at(workload, request_id):
