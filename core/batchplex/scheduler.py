@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
 import math
 import threading
@@ -23,60 +22,30 @@ from typing import Any
 
 import torch
 
-from ._batching import Request, RequestQueue
-from ._outcomes import fail, resolve
+from ._batching import Request
 from ._continuous_adapter import StepAdapter
 from ._continuous_policy import ContinuousPolicy
-from .continuous import ContinuousWorkload
 from ._executor import BatchJob, DeviceExecutor
 from ._graphs import GraphedModel
+from ._outcomes import fail, resolve
+from ._workload import Lane, Workload, devices_of, replicas_of
 from .adapter import Adapter
-from .errors import (BatchplexError, DeadlineExceeded, InvalidRequestError, RequestTooLargeError,
-                     SchedulerClosed, UnknownWorkloadError)
-from .metrics import BatchRecord, WorkloadStats
+from .continuous import ContinuousWorkload
+from .errors import (
+    BatchplexError,
+    DeadlineExceeded,
+    InvalidRequestError,
+    RequestTooLargeError,
+    SchedulerClosed,
+    UnknownWorkloadError,
+)
+from .metrics import BatchRecord
 from .plugins import PluginHost
 from .policy import BatchPolicy
 
 __all__ = ["Scheduler", "Workload"]
 
 log = logging.getLogger("batchplex")
-
-
-class _Lane:
-    """One device: its executor, the workloads placed on it and how many of their batches are in flight."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.executor: DeviceExecutor | None = None
-        self.workloads: list[Workload] = []
-        self.in_flight = 0
-
-
-class Workload:
-    """One named stream of requests: an adapter, a model replica per device, a policy and its queue."""
-
-    def __init__(self, name: str, adapter: Adapter, models: dict[torch.device, Callable], policy: BatchPolicy,
-                 weight: float) -> None:
-        self.name = name
-        self.adapter = adapter
-        self.models = models
-        self.policy = policy
-        self.weight = weight
-        self.queue = RequestQueue(policy, name)
-        self.stats = WorkloadStats()
-        self.lanes: list[_Lane] = []
-        self.device_time = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = math.inf
-        self.pump_soon = False
-
-    @property
-    def share(self) -> float:
-        """Device time used per unit of weight: the fair-share key (smallest goes next)."""
-        return self.device_time / self.weight
-
-    def __repr__(self) -> str:
-        return f"<Workload {self.name!r} adapter={self.adapter.name!r} devices={[str(d) for d in self.models]}>"
 
 
 class Scheduler:
@@ -97,7 +66,7 @@ class Scheduler:
         self.pipeline_depth = pipeline_depth
         self._workloads: dict[str, Workload] = {}
         self._continuous: dict[str, ContinuousWorkload] = {}
-        self._lanes: dict[torch.device, _Lane] = {}
+        self._lanes: dict[torch.device, Lane] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._accepting = False
@@ -140,8 +109,8 @@ class Scheduler:
                             f"got {type(adapter).__name__}")
         if isinstance(adapter, StepAdapter):
             return self._add_continuous(name, adapter, model, policy, device, weight, cuda_graphs)
-        devices = _devices(device)
-        models = _replicas(name, model, devices)
+        devices = devices_of(device)
+        models = replicas_of(name, model, devices)
         if cuda_graphs:
             for dev in devices:
                 models[dev] = GraphedModel(models[dev], dev, name)
@@ -152,7 +121,7 @@ class Scheduler:
         for dev in devices:
             lane = self._lanes.get(dev)
             if lane is None:
-                lane = self._lanes[dev] = _Lane(dev)
+                lane = self._lanes[dev] = Lane(dev)
                 if self._loop is not None:
                     lane.executor = self._new_executor(dev)
             if lane.workloads:  # join at the current fair-share level: no banked credit
@@ -168,7 +137,7 @@ class Scheduler:
         if policy is not None and not isinstance(policy, ContinuousPolicy):
             raise TypeError(f"workload {name!r}: a step adapter takes a ContinuousPolicy, got "
                             f"{type(policy).__name__}")
-        devices = _devices(device)
+        devices = devices_of(device)
         if len(devices) != 1 or cuda_graphs or weight != 1.0:
             raise ValueError(f"workload {name!r}: a continuous workload runs on one device, without cuda_graphs "
                              f"or weight")
@@ -431,7 +400,7 @@ class Scheduler:
                 f"workload {workload.name!r}: request waited {now - request.arrival:.3f}s in the queue, past its "
                 f"timeout of {request.deadline - request.arrival:.3f}s; it did not run"))
 
-    def _pump(self, lane: _Lane) -> None:
+    def _pump(self, lane: Lane) -> None:
         """Start batches on ``lane`` while it has room and one of its workloads has a ready batch."""
         now = self._loop.time()
         while lane.in_flight < self.pipeline_depth:
@@ -452,7 +421,7 @@ class Scheduler:
         for workload in lane.workloads:
             self._rearm(workload)
 
-    def _go_now(self, workload: Workload, lane: _Lane) -> bool:
+    def _go_now(self, workload: Workload, lane: Lane) -> bool:
         """Whether a batch leaves without waiting: when draining, or on an idle device if the policy says so."""
         return self._draining or (workload.policy.dispatch_when_idle and lane.in_flight == 0)
 
@@ -462,7 +431,7 @@ class Scheduler:
             workload.stats.cancelled += seen
             workload.queue.cancelled_seen = 0
 
-    def _dispatch(self, lane: _Lane, workload: Workload, batch: list[Request], now: float) -> None:
+    def _dispatch(self, lane: Lane, workload: Workload, batch: list[Request], now: float) -> None:
         lane.in_flight += 1
         waits = [now - request.arrival for request in batch]
         workload.stats.waits_s.extend(waits)
@@ -493,7 +462,7 @@ class Scheduler:
             queue.memory_cap = max(1, job.oom_size // 2)
             log.warning("workload %r: out of memory at batch size %d; batches are now at most %d",
                         workload.name, job.oom_size, queue.memory_cap)
-        lane: _Lane = job.owner
+        lane: Lane = job.owner
         lane.in_flight -= 1
         costs = [request.cost for request in job.requests]
         record = BatchRecord(
@@ -530,41 +499,6 @@ class Scheduler:
     @property
     def workloads(self) -> dict[str, Workload]:
         return dict(self._workloads)
-
-
-def _devices(device: str | torch.device | Sequence) -> list[torch.device]:
-    items = [device] if isinstance(device, (str, torch.device)) else list(device)
-    if not items:
-        raise ValueError("device must name at least one device")
-    devices = [_indexed(torch.device(d)) for d in items]
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"device lists a device twice: {[str(d) for d in devices]}")
-    return devices
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` means the current CUDA device: name it, so threads can select it and lanes compare equal."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device
-
-
-def _replicas(name: str, model: Callable | Sequence[Callable], devices: list[torch.device]
-              ) -> dict[torch.device, Callable]:
-    if isinstance(model, Sequence):
-        if len(model) != len(devices):
-            raise ValueError(f"workload {name!r}: {len(model)} models for {len(devices)} devices; give one model "
-                             f"per device or a single torch.nn.Module to copy")
-        return dict(zip(devices, model))
-    if not callable(model):
-        raise TypeError(f"workload {name!r}: model must be callable, got {type(model).__name__}")
-    replicas = {}
-    for index, device in enumerate(devices):
-        replica = model if index == 0 else copy.deepcopy(model)
-        if isinstance(replica, torch.nn.Module):
-            replica = replica.to(device)
-        replicas[device] = replica
-    return replicas
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop | None) -> bool:

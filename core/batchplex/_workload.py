@@ -1,0 +1,92 @@
+"""Where a workload runs: its lanes (one per device, each with an executor and the workloads placed on it) and
+the per-workload state the scheduler keeps (adapter, model replicas, policy, queue, statistics, fair-share time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._batching import RequestQueue
+from ._executor import DeviceExecutor
+from .adapter import Adapter
+from .metrics import WorkloadStats
+from .policy import BatchPolicy
+
+__all__ = ["Lane", "Workload", "devices_of", "replicas_of"]
+
+
+class Lane:
+    """One device: its executor, the workloads placed on it and how many of their batches are in flight."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.executor: DeviceExecutor | None = None
+        self.workloads: list[Workload] = []
+        self.in_flight = 0
+
+
+class Workload:
+    """One named stream of requests: an adapter, a model replica per device, a policy and its queue."""
+
+    def __init__(self, name: str, adapter: Adapter, models: dict[torch.device, Callable], policy: BatchPolicy,
+                 weight: float) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.models = models
+        self.policy = policy
+        self.weight = weight
+        self.queue = RequestQueue(policy, name)
+        self.stats = WorkloadStats()
+        self.lanes: list[Lane] = []
+        self.device_time = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+        self.pump_soon = False
+
+    @property
+    def share(self) -> float:
+        """Device time used per unit of weight: the fair-share key (smallest goes next)."""
+        return self.device_time / self.weight
+
+    def __repr__(self) -> str:
+        return f"<Workload {self.name!r} adapter={self.adapter.name!r} devices={[str(d) for d in self.models]}>"
+
+
+def devices_of(device: str | torch.device | Sequence) -> list[torch.device]:
+    items = [device] if isinstance(device, (str, torch.device)) else list(device)
+    if not items:
+        raise ValueError("device must name at least one device")
+    devices = [_indexed(torch.device(d)) for d in items]
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"device lists a device twice: {[str(d) for d in devices]}")
+    return devices
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` means the current CUDA device: name it, so threads can select it and lanes compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def replicas_of(name: str, model: Callable | Sequence[Callable], devices: list[torch.device]
+              ) -> dict[torch.device, Callable]:
+    if isinstance(model, Sequence):
+        if len(model) != len(devices):
+            raise ValueError(f"workload {name!r}: {len(model)} models for {len(devices)} devices; give one model "
+                             f"per device or a single torch.nn.Module to copy")
+        return dict(zip(devices, model))
+    if not callable(model):
+        raise TypeError(f"workload {name!r}: model must be callable, got {type(model).__name__}")
+    replicas = {}
+    for index, device in enumerate(devices):
+        replica = model if index == 0 else copy.deepcopy(model)
+        if isinstance(replica, torch.nn.Module):
+            replica = replica.to(device)
+        replicas[device] = replica
+    return replicas

@@ -1,0 +1,55 @@
+"""Without a Ray cluster: batchplex errors survive Ray's pickling with type, message and attributes; the HTTP
+codec turns JSON forms into tensors and back, and refuses malformed ones with `InvalidRequestError`."""
+
+from __future__ import annotations
+
+import batchplex.errors
+import pytest
+import ray.cloudpickle
+import torch
+from batchplex import InvalidRequestError
+from batchplex_ray import decode_item, encode_image, encode_result
+from batchplex_ray.deployment import _status
+
+
+@pytest.mark.parametrize("name", batchplex.errors.__all__)
+def test_every_batchplex_error_pickles_with_its_type_and_message(name):
+    cls = getattr(batchplex.errors, name)
+    if issubclass(cls, InvalidRequestError):
+        error = cls("too long", workload="embed", rule="max_length", value=600)
+    else:
+        error = cls("workload 'w': something precise")
+    copy = ray.cloudpickle.loads(ray.cloudpickle.dumps(error))
+    assert type(copy) is cls and str(copy) == str(error)
+    if isinstance(error, InvalidRequestError):
+        assert (copy.workload, copy.rule, copy.value) == ("embed", "max_length", 600)
+
+
+def test_http_status_follows_the_most_specific_error_class():
+    assert _status(batchplex.errors.RequestTooLargeError("x")) == 413
+    assert _status(batchplex.errors.InvalidRequestError("x")) == 422
+    assert _status(batchplex.errors.QueueFullError("x")) == 503
+    assert _status(batchplex.errors.DeadlineExceeded("x")) == 504
+    assert _status(batchplex.errors.ContractError("x")) == 500
+
+
+def test_tensor_forms_round_trip():
+    image = torch.randint(0, 256, (8, 6, 3), dtype=torch.uint8)
+    assert torch.equal(decode_item(encode_image(image)), image)
+    assert torch.equal(decode_item({"tensor": image.tolist(), "dtype": "uint8"}), image)
+    assert decode_item("a text") == "a text" and decode_item([101, 102]) == [101, 102]
+    assert encode_result({"boxes": torch.ones(1, 2), "labels": (torch.tensor(3),)}) == {
+        "boxes": [[1.0, 1.0]], "labels": [3]}
+
+
+@pytest.mark.parametrize("item, rule", [
+    ({"tensor": [[1, 2], [3]]}, "tensor from nested lists"),
+    ({"tensor": [1, 2], "dtype": "uint9"}, "dtype name"),
+    ({"base64": "AAAA", "shape": [5, 5]}, "base64 bytes with shape"),
+    ({"base64": "not base64!", "shape": [1]}, "base64 bytes with shape"),
+    ({"base64": "AAAA"}, "base64 bytes with shape"),
+])
+def test_malformed_tensor_forms_are_invalid_requests(item, rule):
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_item(item)
+    assert caught.value.rule == rule
