@@ -147,9 +147,13 @@ async def run_demo(duration_s: float = 45.0, load: float = 1.0, bad_share: float
     return scheduler.statistics()
 
 
+#: The most requests per second one workload is offered: the generator shares the event loop with the scheduler.
+MAX_RATE = {"cpu": 300.0, "cuda": 5000.0}
+
+
 def _rate(workload: Any, example: ExampleWorkload, sharing: int, share_of_capacity: float = 0.8) -> float:
     """Requests per second to offer: a share of what the model does alone with full batches, divided among the
-    workloads that share the device (measured with one warm-up and one timed batch)."""
+    workloads that share the device (measured with one warm-up and one timed batch), at most `MAX_RATE`."""
     device = next(iter(workload.models))
     model = workload.models[device]
     rng = random.Random(0)
@@ -163,4 +167,4 @@ def _rate(workload: Any, example: ExampleWorkload, sharing: int, share_of_capaci
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
     batch_s = max(time.perf_counter() - started, 1e-4)
-    return share_of_capacity * size / batch_s / sharing
+    return min(share_of_capacity * size / batch_s / sharing, MAX_RATE.get(device.type, MAX_RATE["cpu"]))
