@@ -37,13 +37,15 @@ _STOP = object()
 class BatchJob:
     """One batch on its way through a device executor, and what came of it."""
 
-    __slots__ = ("workload", "requests", "padded_size", "model", "owner", "waited_s", "inputs", "output", "error",
+    __slots__ = ("workload", "requests", "items", "padded_size", "model", "owner", "waited_s", "inputs", "output",
+                 "error",
                  "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried")
 
     def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
                  waited_s: float = 0.0) -> None:
         self.workload = workload
         self.requests = requests
+        self.items = [request.item for request in requests]  # the prepared items, gathered once per batch
         self.padded_size = padded_size
         self.model = model
         self.owner = owner  # whatever the submitter needs back with the finished job (the scheduler: its lane)
@@ -114,14 +116,13 @@ class DeviceExecutor:
     def _collate_stage(self, job: BatchJob) -> None:
         adapter = job.workload.adapter
         try:
-            items = [request.item for request in job.requests]
             if self.cuda:
                 with torch.cuda.stream(self._copy_stream):
-                    job.inputs = adapter.collate(items, self.device, job.padded_size)
+                    job.inputs = adapter.collate(job.items, self.device, job.padded_size)
                     job.copied = torch.cuda.Event()
                     job.copied.record(self._copy_stream)
             else:
-                job.inputs = adapter.collate(items, self.device, job.padded_size)
+                job.inputs = adapter.collate(job.items, self.device, job.padded_size)
         except Exception as error:  # isolated by the finish stage
             job.error = error
 
@@ -136,11 +137,11 @@ class DeviceExecutor:
                     job.started = torch.cuda.Event(enable_timing=True)
                     job.ended = torch.cuda.Event(enable_timing=True)
                     job.started.record(stream)
-                    job.output = self._forward(job, job.inputs)
+                    job.output = self._forward(job.model, job.workload.adapter, job.inputs, job.items)
                     job.ended.record(stream)
             else:
                 started = time.perf_counter()
-                job.output = self._forward(job, job.inputs)
+                job.output = self._forward(job.model, job.workload.adapter, job.inputs, job.items)
                 job.run_s = time.perf_counter() - started
         except Exception as error:
             job.error = error
@@ -153,8 +154,7 @@ class DeviceExecutor:
                 if self.cuda:
                     job.ended.synchronize()
                     job.run_s = job.started.elapsed_time(job.ended) / 1000.0
-                items = [request.item for request in job.requests]
-                job.results = list(check_split(adapter.name, adapter.split(job.output, items), n))
+                job.results = list(check_split(adapter.name, adapter.split(job.output, job.items), n))
                 job.errors = [None] * n
             except Exception as error:
                 job.error = error
@@ -176,10 +176,9 @@ class DeviceExecutor:
         job.results = [None] * len(job.requests)
         job.errors = [error] * len(job.requests)
 
-    def _forward(self, job: BatchJob, inputs: Any) -> Any:
-        adapter = job.workload.adapter
-        output = job.model(inputs)
-        output = adapter.postprocess(output, inputs, [request.item for request in job.requests])
+    def _forward(self, model: Callable, adapter: Any, inputs: Any, items: list) -> Any:
+        """Run the model and the adapter's on-device postprocessing; start the copy to pinned host memory."""
+        output = adapter.postprocess(model(inputs), inputs, items)
         if adapter.copy_output_to_host and self.cuda:
             output = map_tensors(copy_to_pinned_host, output)
         return output
@@ -218,19 +217,14 @@ class DeviceExecutor:
         """Collate, run and split ``requests[lo:hi]`` synchronously (used only while isolating a failure)."""
         workload = job.workload
         adapter = workload.adapter
-        items = [request.item for request in job.requests[lo:hi]]
+        items = job.items[lo:hi]
         padded = workload.policy.padded_size(len(items))
         if self.cuda:
             with torch.cuda.stream(self._compute_stream):
-                inputs = adapter.collate(items, self.device, padded)
-                output = job.model(inputs)
-                output = adapter.postprocess(output, inputs, items)
-                if adapter.copy_output_to_host:
-                    output = map_tensors(copy_to_pinned_host, output)
+                output = self._forward(job.model, adapter, adapter.collate(items, self.device, padded), items)
             self._compute_stream.synchronize()
         else:
-            inputs = adapter.collate(items, self.device, padded)
-            output = adapter.postprocess(job.model(inputs), inputs, items)
+            output = self._forward(job.model, adapter, adapter.collate(items, self.device, padded), items)
         return list(check_split(adapter.name, adapter.split(output, items), len(items)))
 
 

@@ -133,8 +133,7 @@ class PluginHost:
         name = _plugin_name(plugin)
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
-        if self.pm.get_hookcallers(plugin) and any(
-                impl.plugin_name == name for impl in self.pm.hook.register_adapters.get_hookimpls()):
+        if name in self._plugins_with("register_adapters"):
             self._collect(name)
         self._batch_observers = bool(self.pm.hook.batch_finished.get_hookimpls())
 

@@ -139,8 +139,9 @@ class Scheduler:
                             f"{type(policy).__name__}")
         devices = devices_of(device)
         if len(devices) != 1 or cuda_graphs or weight != 1.0:
-            raise ValueError(f"workload {name!r}: a continuous workload runs on one device, without cuda_graphs "
-                             f"or weight")
+            raise ValueError(f"workload {name!r}: a continuous workload runs on one device with neither "
+                             f"cuda_graphs nor weight; got device={[str(d) for d in devices]}, "
+                             f"cuda_graphs={cuda_graphs!r}, weight={weight!r}")
         workload = self._continuous[name] = ContinuousWorkload(name, adapter, policy, model=model,
                                                                 device=devices[0])
         if self._loop is not None:
