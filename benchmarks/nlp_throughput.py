@@ -66,13 +66,15 @@ def parse_args() -> argparse.Namespace:
 
 async def measure(args: argparse.Namespace, tokenizer, model, device: torch.device, make_request, *,
                   buckets: tuple[int, ...] = (), max_length: int = 512, pool: int = 0,
-                  rate: float | None = None) -> dict[str, Any]:
-    """One workload on a fresh scheduler: a short warm-up, then saturating load (or Poisson load at ``rate``)."""
+                  rate: float | None = None, graphs: bool = False) -> dict[str, Any]:
+    """One workload on a fresh scheduler: a short warm-up, then saturating load (or Poisson load at ``rate``).
+
+    ``graphs`` replays the model as CUDA graphs, every batch padded to ``--batch`` rows."""
     policy = BatchPolicy(max_batch_size=args.batch, max_wait_ms=args.max_wait_ms, bucket_edges=buckets,
-                         max_queue=1 << 20)
+                         max_queue=1 << 20, preferred_batch_sizes=(args.batch,) if graphs else ())
     async with Scheduler() as scheduler:
         scheduler.add_workload("embed", adapter=TextAdapter(tokenizer, max_length=max_length),
-                               model=HFModel(model), device=device, policy=policy)
+                               model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
         client = ThreadedSubmit(scheduler, pool) if pool else scheduler
         await saturate(client, "embed", make_request, concurrency=args.concurrency, duration_s=1.0)
         before = scheduler.workloads["embed"].stats.cost
@@ -110,6 +112,9 @@ async def main() -> None:
         "texts, tokenized on the loop": lambda rng: text(rng, seq),  # truncated to seq tokens at submit
     }
     e2e = {kind: await measure(args, tokenizer, model, device, make, max_length=seq) for kind, make in fixed.items()}
+    if device.type == "cuda":
+        e2e["ids, CUDA graphs"] = await measure(args, tokenizer, model, device, fixed["ids"], max_length=seq,
+                                                graphs=True)
     if args.text_pool:
         e2e[f"texts, tokenized on {args.text_pool} threads"] = await measure(
             args, tokenizer, model, device, fixed["texts, tokenized on the loop"], max_length=seq,

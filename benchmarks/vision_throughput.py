@@ -9,7 +9,10 @@ CUDA, float32 on the CPU), requests are single 3xSxS uint8 CHW tensors (S=224 by
 * end to end, saturating: ``--concurrency`` closed-loop submitters (default 4x the batch) on one event loop, each
   awaiting its result before submitting again, ``BatchPolicy(max_batch_size=--batch)``; includes the uint8
   staging, host-to-device copy, normalization on the device, the model, the copy back and the split;
-* latency at half load: open-loop Poisson arrivals at 50% of the end-to-end throughput, p50/p99 submit-to-result.
+* latency at half load: open-loop Poisson arrivals at 50% of the end-to-end throughput, p50/p99 submit-to-result;
+* both end-to-end runs once per ``--switch-interval-us`` value (the interpreter's GIL switch interval): the thread
+  that launches an eager model releases the GIL at every operator and may then wait up to one interval for the
+  event loop to give it back, so a shorter interval is the first thing to try when end to end trails model only.
 
 Detection (``detection`` adapter): torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (random weights, float32),
 requests are uint8 images with random heights and widths (so random aspect ratios), saturating closed-loop load,
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ from harness import model_only, open_loop, saturate, write_results
 import batchplex_vision
 from batchplex import BatchPolicy, Scheduler
 
+DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
 DETECTOR_RESIZE = (320, 640)  # fasterrcnn_mobilenet_v3_large_320_fpn: shorter side 320, longer at most 640
 DETECTION_EDGES = tuple(DETECTOR_RESIZE[0] * long for long in (400, 480, 560, 640))
 
@@ -52,12 +57,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per measured window (default: 10 cuda, 5 cpu)")
     parser.add_argument("--detection-batch", type=int, help="detection max batch size (default: 8 cuda, 2 cpu)")
     parser.add_argument("--detection-max-side", type=int, help="largest image side (default: 640 cuda, 192 cpu)")
+    parser.add_argument("--switch-interval-us", type=float, nargs="+",
+                        help="GIL switch intervals to run end to end with (default: 5000 200 on cuda, 5000 on cpu)")
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: vision-throughput-<device>)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     defaults = {"model": "resnet50" if cuda else "resnet18", "batch": 64 if cuda else 8, "size": 224 if cuda else 112,
                 "duration": 10.0 if cuda else 5.0, "detection_batch": 8 if cuda else 2,
-                "detection_max_side": 640 if cuda else 192, "out": f"vision-throughput-{args.device}"}
+                "detection_max_side": 640 if cuda else 192, "out": f"vision-throughput-{args.device}",
+                "switch_interval_us": [5000.0, 200.0] if cuda else [5000.0]}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -93,15 +101,19 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
               "concurrency": args.concurrency, "max_wait_ms": args.max_wait_ms, "model_only": alone}
     rows = [[f"{name}: model only", "1", f"{alone['batch_1']['items_per_s']:.0f}", "", "", ""],
             [f"{name}: model only", str(args.batch), f"{alone['batch']['items_per_s']:.0f}", "", "", ""]]
-    for graphs in (False, True) if cuda else (False,):
-        label = "CUDA graph" if graphs else "eager"
+    configurations = [(graphs, interval) for interval in args.switch_interval_us
+                      for graphs in ((False, True) if cuda else (False,))]
+    for graphs, interval in configurations:
+        label = f"{'CUDA graph' if graphs else 'eager'}, GIL switch {interval:g} us"
+        sys.setswitchinterval(interval / 1e6)
         loaded, half = await end_to_end(args, model, device, dtype, graphs)
         ratio = loaded["items_per_s"] / alone["batch"]["items_per_s"]
         result[label] = {"end_to_end": loaded, "end_to_end_over_model_only": ratio, "half_load_latency": half}
         rows += [
             [f"{name}: end to end ({label}), {args.concurrency} submitters", str(args.batch),
              f"{loaded['items_per_s']:.0f}", "", "",
-             f"{100 * ratio:.0f}% of model only (eager); mean batch {loaded['mean_batch_size']:.1f}"],
+             f"{100 * ratio:.0f}% of model only (eager); mean batch {loaded['mean_batch_size']:.1f}; "
+             f"{loaded['cpu_us_per_request']:.0f} us CPU/request"],
             [f"{name}: open loop at 50% load ({label})", str(args.batch), f"{half['rate']:.0f} offered",
              f"{half['p50_ms']:.1f}", f"{half['p99_ms']:.1f}",
              f"{half['requests']} requests; mean batch {half['mean_batch_size']:.1f}"]]
@@ -132,6 +144,7 @@ async def end_to_end(args: argparse.Namespace, model: torch.nn.Module, device: t
                                duration_s=args.duration)
         half["mean_batch_size"] = mean_batch(after, scheduler.statistics()["classify"])
         print(f"half load, graphs={graphs}: {half}", flush=True)
+    sys.setswitchinterval(DEFAULT_SWITCH_INTERVAL_S)
     return loaded, half
 
 
