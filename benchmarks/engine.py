@@ -121,7 +121,7 @@ def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
     tokens = 128 if cuda else 32
 
     rows = 100_000 if cuda else 1000
-    dlrm = build_dlrm(num_embeddings=rows, embedding_dim=64 if cuda else 16, hidden=512 if cuda else 64)
+    dlrm = build_dlrm(num_embeddings=rows, embedding_dim=64 if cuda else 16, hidden=512 if cuda else 64).to(device)
     samples = 32
 
     def rank_request(rng: random.Random) -> RankingRequest:

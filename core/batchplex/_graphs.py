@@ -7,6 +7,9 @@ shapes, so they pay off with ``preferred_batch_sizes`` (every batch padded up to
 Each distinct input signature (shapes and dtypes of every input tensor) gets one graph, up to ``max_graphs``;
 later signatures run eagerly. A model that cannot be captured (host syncs, data-dependent control flow, CPU
 tensors) runs eagerly from then on, and the reason is logged once.
+
+Capture runs with ``capture_error_mode="thread_local"``: the executor's other threads keep copying and waiting on
+events while one workload captures, and the default global mode would turn their calls into capture errors.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class GraphedModel:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 static_output = self.model(static_inputs)
             stream.wait_stream(side)
         except Exception as error:  # any capture failure: run eagerly from now on, say why once
@@ -92,10 +95,27 @@ class GraphedModel:
             log.warning("workload %r: CUDA graph capture failed, running eagerly (%s)", self.name,
                         self.disabled_reason)
             torch.cuda.synchronize(self.device)
+            _end_random_capture(self.device)
             return None
         self._graphs[signature] = (graph, static_inputs, static_output)
         log.info("workload %r: captured a CUDA graph for input signature %s", self.name, signature)
         return graph, static_inputs, static_output
+
+
+def _end_random_capture(device: torch.device) -> None:
+    """Clear the CUDA random generator's capture mark that a failed capture leaves behind.
+
+    A capture that fails never reaches the generator's capture epilogue, so PyTorch keeps the default generator
+    marked as capturing, and every later random op on the device (sampling in another workload, dropout, a
+    ``randint``) fails with "Offset increment outside graph capture". One trivial capture that succeeds runs the
+    epilogue and clears the mark.
+    """
+    side = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        scratch = torch.zeros(1, device=device)
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side, capture_error_mode="thread_local"):
+            scratch.add_(1)
+    side.synchronize()
 
 
 def _copy_into(static: Any, fresh: Any) -> None:

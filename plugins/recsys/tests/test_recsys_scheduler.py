@@ -145,7 +145,7 @@ async def test_cuda_graphs_fall_back_to_eager_runs_for_jagged_batches():
                                device=device, cuda_graphs=True,
                                policy=BatchPolicy(max_batch_size=8, preferred_batch_sizes=(8,), max_wait_ms=20))
         results = await asyncio.gather(*(scheduler.submit("dlrm", request) for request in requests))
-        assert "jagged" in scheduler.workloads["dlrm"].models[device].disabled_reason
+        assert "KeyedJaggedTensor" in scheduler.workloads["dlrm"].models[device].disabled_reason
     adapter = RankingAdapter().configure(**options(model))
     for request, result in zip(requests, results):
         assert_same_result(result, alone(adapter, model, request, device), **tolerance(device))
