@@ -40,6 +40,7 @@ from harness import model_only, open_loop, saturate, write_results
 
 import batchplex_vision
 from batchplex import BatchPolicy, Scheduler
+from batchplex._graphs import GraphedModel
 
 DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
 DETECTOR_RESIZE = (320, 640)  # fasterrcnn_mobilenet_v3_large_320_fpn: shorter side 320, longer at most 640
@@ -95,12 +96,20 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
         return model_only(lambda: model(x), batch, device, warmup=3 if cuda else 1, repeats=repeats)
 
     alone = {"batch": ceiling(args.batch), "batch_1": ceiling(1)}
+    if cuda:  # the ceiling of the CUDA-graph rows: the same batch replayed as one graph
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
+        graphed = GraphedModel(model, device, "classify")
+        alone["batch_graph"] = model_only(lambda: graphed(x.to(memory_format=memory_format)), args.batch, device,
+                                          warmup=3, repeats=repeats)
     print(f"model only {alone}", flush=True)
     name = f"{args.model} {str(dtype)[6:]} {args.size}x{args.size} uint8"
     result = {"model": args.model, "dtype": str(dtype), "image": [3, args.size, args.size], "batch": args.batch,
               "concurrency": args.concurrency, "max_wait_ms": args.max_wait_ms, "model_only": alone}
     rows = [[f"{name}: model only", "1", f"{alone['batch_1']['items_per_s']:.0f}", "", "", ""],
             [f"{name}: model only", str(args.batch), f"{alone['batch']['items_per_s']:.0f}", "", "", ""]]
+    if cuda:
+        rows.append([f"{name}: model only, CUDA graph", str(args.batch), f"{alone['batch_graph']['items_per_s']:.0f}",
+                     "", "", ""])
     configurations = [(graphs, interval) for interval in args.switch_interval_us
                       for graphs in ((False, True) if cuda else (False,))]
     for graphs, interval in configurations:
@@ -108,11 +117,16 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
         sys.setswitchinterval(interval / 1e6)
         loaded, half = await end_to_end(args, model, device, dtype, graphs)
         ratio = loaded["items_per_s"] / alone["batch"]["items_per_s"]
+        if graphs:
+            result.setdefault("end_to_end_over_graph_model_only", {})[label] = \
+                loaded["items_per_s"] / alone["batch_graph"]["items_per_s"]
         result[label] = {"end_to_end": loaded, "end_to_end_over_model_only": ratio, "half_load_latency": half}
         rows += [
             [f"{name}: end to end ({label}), {args.concurrency} submitters", str(args.batch),
              f"{loaded['items_per_s']:.0f}", "", "",
-             f"{100 * ratio:.0f}% of model only (eager); mean batch {loaded['mean_batch_size']:.1f}; "
+             f"{100 * ratio:.0f}% of model only (eager)"
+             + (f", {100 * loaded['items_per_s'] / alone['batch_graph']['items_per_s']:.0f}% of the graph"
+                if graphs else "") + f"; mean batch {loaded['mean_batch_size']:.1f}; "
              f"{loaded['cpu_us_per_request']:.0f} us CPU/request"],
             [f"{name}: open loop at 50% load ({label})", str(args.batch), f"{half['rate']:.0f} offered",
              f"{half['p50_ms']:.1f}", f"{half['p99_ms']:.1f}",
