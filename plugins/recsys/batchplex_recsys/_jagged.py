@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from batchplex import InvalidRequestError
 
-__all__ = ["EMPTY_IDS", "jagged", "int64_tensor"]
+__all__ = ["EMPTY_IDS", "INTEGER_DTYPES", "int64_tensor", "jagged"]
 
 EMPTY_IDS = torch.empty(0, dtype=torch.int64)
+INTEGER_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
 
 
 def jagged(key: str, raw: Any, what: str) -> tuple[torch.Tensor, list[int] | None]:

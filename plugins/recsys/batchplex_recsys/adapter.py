@@ -107,13 +107,13 @@ class RankingAdapter(Adapter[PreparedRanking]):
         dense_parts = [item.dense for item in items]
         if padding:
             length_parts.append(torch.zeros(padding * keys, dtype=torch.int64))
-            dense_parts.append(torch.zeros(padding, spec.dense_dim))
+            dense_parts.append(torch.zeros(padding * spec.dense_dim))
         weights = torch.cat([item.weights for item in items]) if spec.weighted else None
         lengths, values, weights = transpose_segments(torch.cat(length_parts), values, weights, samples, keys)
         offsets = self._torchrec.complete_cumsum(lengths)
         length_per_key = lengths.view(keys, samples).sum(1).tolist()
         values, lengths, offsets = stage((values, lengths, offsets), device)
-        dense = torch.cat(dense_parts)
+        dense = torch.cat(dense_parts).view(samples, spec.dense_dim)
         if weights is None:
             (dense,) = stage((dense,), device)
         else:

@@ -14,13 +14,16 @@ model's output row; that of an N-sample request is its N rows (also for N = 1 gi
 
 `prepare_request` validates everything that could break a batch later (on a GPU an out-of-range index kills the
 whole CUDA context, so ids are range-checked here) and flattens the request once: ids in configured key order,
-sample-major (sample 0's features, then sample 1's...), with one length per (sample, key).
+sample-major (sample 0's features, then sample 1's...), with one length per (sample, key). It runs on the event
+loop, so the common request, one sample of int lists or 1-D tensors, is read for all features at once
+(`batchplex_recsys._one_sample`); other forms, and requests to refuse, are read feature by feature.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,14 +31,14 @@ from typing import Any
 import torch
 from batchplex import InvalidRequestError
 
-from ._jagged import EMPTY_IDS, int64_tensor, jagged
+from ._jagged import EMPTY_IDS, INTEGER_DTYPES, int64_tensor, jagged
 from ._layout import transpose_segments
+from ._one_sample import flat_dense, flat_ids, flat_weights
 from .spec import FeatureSpec
 
-__all__ = ["RankingRequest", "PreparedRanking", "prepare_request"]
+__all__ = ["PreparedRanking", "RankingRequest", "prepare_request"]
 
 _FIELDS = frozenset(("sparse", "dense", "weights"))
-_INTEGER_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
 
 
 @dataclass(frozen=True)
@@ -54,41 +57,67 @@ class PreparedRanking:
     values: torch.Tensor  # int64 ids, sample-major, keys in configured order within a sample
     lengths: torch.Tensor  # int64, samples * len(keys), sample-major
     weights: torch.Tensor | None  # float32 per id (1.0 for unweighted keys); None without weighted keys
-    dense: torch.Tensor  # float32, samples x dense_dim
+    dense: torch.Tensor  # float32, samples * dense_dim, sample-major (flat: collate shapes the batch's rows once)
     samples: int
     single: bool  # given in the one-sample form: the result is one output row, not a block of rows
 
 
 def prepare_request(spec: FeatureSpec, item: Any) -> PreparedRanking:
-    """Validate ``item`` against ``spec`` and flatten it; raise `InvalidRequestError` naming rule and value."""
+    """Validate ``item`` against ``spec`` and flatten it; raise `InvalidRequestError` naming rule and value.
+
+    The fast path first; every other form, and any request the fast path has a doubt about, is read feature by
+    feature, which is slower but names the feature in its errors.
+    """
     sparse, dense, weights = _fields(item)
-    unknown = [key for key in sparse if key not in spec.index]
-    if unknown:
-        raise InvalidRequestError(f"unknown sparse feature key {unknown[0]!r} (known: {', '.join(spec.keys)})",
-                                  rule="known feature key", value=unknown[0])
-    ids = _int_lists(spec, sparse) or _ids(spec, sparse)
+    if not sparse.keys() <= spec.index.keys():
+        unknown = next(key for key in sparse if key not in spec.index)
+        raise InvalidRequestError(f"unknown sparse feature key {unknown!r} (known: {', '.join(spec.keys)})",
+                                  rule="known feature key", value=unknown)
+    return _one_sample(spec, sparse, dense, weights) or _any_form(spec, sparse, dense, weights)
+
+
+def _one_sample(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
+                weights: Mapping[str, Any]) -> PreparedRanking | None:
+    """The fast path (see `batchplex_recsys._one_sample`); None when the request is not one sample in plain form
+    or fails a check other than the id range, so that `_any_form` refuses it with the precise error."""
+    ids = flat_ids(list(map(sparse.get, spec.keys)))
+    row = None if ids is None else flat_dense(dense, spec.dense_dim)
+    if row is None:
+        return None
+    values, counts = ids
+    weight_values = None
+    if spec.weighted or weights:
+        weight_values = flat_weights(weights, spec.weighted, spec.index, counts)
+        if weight_values is None:
+            return None
+    _check_range(spec, values, counts)
+    return PreparedRanking(values, int64_tensor(counts), weight_values, row, 1, True)
+
+
+def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
+              weights: Mapping[str, Any]) -> PreparedRanking:
+    """Every form, feature by feature: N samples, JaggedTensors, mixed forms, and the requests to refuse."""
+    ids = _ids(spec, sparse)
     dense_rows = _dense(spec, dense)
     samples, single = _samples(spec, ids, dense_rows)
-    _check_range(spec, ids)
-    lengths = torch.tensor(list(itertools.chain.from_iterable(
+    _check_range(spec, ids.values, ids.counts)
+    lengths = int64_tensor(list(itertools.chain.from_iterable(
         _sample_lengths(count, per_sample, samples) for count, per_sample in zip(ids.counts, ids.per_sample))))
     values = ids.values
     weight_values = _weights(spec, weights, ids, samples)
-    if dense_rows is None:
-        dense_rows = torch.zeros(samples, spec.dense_dim)
+    dense_values = torch.zeros(samples * spec.dense_dim) if dense_rows is None else dense_rows.reshape(-1)
     if samples > 1:  # key-major as given -> sample-major
         lengths, values, weight_values = transpose_segments(lengths, values, weight_values, len(spec.keys),
                                                             samples)
-    return PreparedRanking(values, lengths, weight_values, dense_rows.reshape(samples, spec.dense_dim), samples,
-                           single)
+    return PreparedRanking(values, lengths, weight_values, dense_values, samples, single)
 
 
 def _fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
     if isinstance(item, RankingRequest):
         sparse, dense, weights = item.sparse, item.dense, item.weights
     elif isinstance(item, Mapping):
-        extra = sorted(set(item) - _FIELDS, key=str)
-        if extra:
+        if not item.keys() <= _FIELDS:
+            extra = sorted(set(item) - _FIELDS, key=str)
             raise InvalidRequestError(f"a ranking request has the fields 'sparse', 'dense' and 'weights'; got "
                                       f"{extra[0]!r}", rule="request fields", value=extra[0])
         sparse, dense, weights = item.get("sparse", {}), item.get("dense"), item.get("weights")
@@ -112,29 +141,13 @@ class _Ids:
     per_sample: list[list[int] | None]  # per key: ids per sample, None for the one-sample form or no ids
 
 
-def _int_lists(spec: FeatureSpec, sparse: Mapping[str, Any]) -> _Ids | None:
-    """The common JSON-like case, one sample of plain int lists, converted in one step for all features.
-
-    None when the request is anything else, or holds a number that is not an int64: the per-feature path then
-    handles it and names the feature in its errors.
-    """
-    raws = [sparse.get(key) for key in spec.keys]
-    if not all(raw is None or type(raw) is list and (not raw or type(raw[0]) is int) for raw in raws):
-        return None
-    counts = [len(raw) if raw else 0 for raw in raws]
-    if not any(counts):
-        return _Ids(EMPTY_IDS, counts, [None] * len(raws))
-    values = int64_tensor(itertools.chain.from_iterable(raw for raw in raws if raw))
-    return None if values is None else _Ids(values, counts, [None] * len(raws))
-
-
 def _ids(spec: FeatureSpec, sparse: Mapping[str, Any]) -> _Ids:
     """Every other form, feature by feature (tensors, N-sample lists, anything that needs a precise error)."""
     parts, counts, per_sample = [], [], []
     for key in spec.keys:
         values, lengths = jagged(key, sparse.get(key), "ids")
         if values.numel():
-            if values.dtype not in _INTEGER_DTYPES:
+            if values.dtype not in INTEGER_DTYPES:
                 raise InvalidRequestError(f"feature {key!r}: ids must be integers, got {values.dtype} values such "
                                           f"as {values[0].item()!r}", rule="integer ids", value=values[0].item())
             parts.append(values)
@@ -173,27 +186,29 @@ def _samples(spec: FeatureSpec, ids: _Ids, dense_rows: torch.Tensor | None) -> t
     return samples, False
 
 
-def _check_range(spec: FeatureSpec, ids: _Ids) -> None:
-    """Every id must be >= 0 and below its table's size (when the table size is configured).
+def _check_range(spec: FeatureSpec, values: torch.Tensor, counts: list[int]) -> None:
+    """Every id must be >= 0 and below its table's size (when the table size is configured); ``values`` holds
+    ``counts[i]`` ids of key i, key by key.
 
-    Two reductions over the whole request (the minimum, and each key's maximum with one ``segment_reduce``);
-    the offending key and id are looked up only when a check fails.
+    One ``aminmax`` over the whole request settles it when every id is below the smallest table; otherwise each
+    key's maximum is taken with one ``segment_reduce`` and compared in Python. The offending key and id are looked
+    up only when a check fails.
     """
-    values, counts = ids.values, ids.counts
     if not values.numel():
         return
-    if int(values.min()) < 0:
+    low, high = values.aminmax()
+    if low.item() < 0:
         at = int((values < 0).nonzero()[0])
         key = spec.keys[sum(1 for end in itertools.accumulate(counts) if end <= at)]
         value = int(values[at])
         raise InvalidRequestError(f"feature {key!r}: ids must be >= 0, got {value}", rule="ids >= 0", value=value)
-    if not spec.table_sizes:
+    if high.item() < spec.smallest_table:
         return
-    highest = torch.segment_reduce(values.double(), "max", lengths=torch.tensor(counts), unsafe=True)
-    over = highest >= spec.bounds
-    if not bool(over.any()):
+    # float64 is exact up to 2**53 ids; an empty segment's maximum is -inf
+    highest = torch.segment_reduce(values.double(), "max", lengths=int64_tensor(counts), unsafe=True).tolist()
+    if not any(map(operator.ge, highest, spec.bounds)):
         return
-    i = int(over.nonzero()[0])
+    i = next(i for i, (most, bound) in enumerate(zip(highest, spec.bounds)) if most >= bound)
     key, size = spec.keys[i], spec.table_sizes[spec.keys[i]]
     key_ids = values.split(counts)[i]
     value = int(key_ids[key_ids >= size][0])

@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 __all__ = ["FeatureSpec"]
 
 
@@ -21,12 +19,13 @@ class FeatureSpec:
     weighted: frozenset[str]
     dense_dim: int
     index: Mapping[str, int] = field(init=False, repr=False)
-    bounds: torch.Tensor = field(init=False, repr=False)  # float64 per key: table size, or inf when not given
+    bounds: tuple[float, ...] = field(init=False, repr=False)  # per key: its table size, or inf when not given
+    smallest_table: float = field(init=False, repr=False)  # ids below it are in range for every key (inf: no sizes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", {key: i for i, key in enumerate(self.keys)})
-        object.__setattr__(self, "bounds", torch.tensor(
-            [self.table_sizes.get(key, math.inf) for key in self.keys], dtype=torch.float64))
+        object.__setattr__(self, "bounds", tuple(self.table_sizes.get(key, math.inf) for key in self.keys))
+        object.__setattr__(self, "smallest_table", min(self.table_sizes.values(), default=math.inf))
 
     @classmethod
     def build(cls, keys: Sequence[str], table_sizes: Mapping[str, int] | None = None,

@@ -87,6 +87,32 @@ def test_request_forms_give_the_same_flat_request():
     assert square.lengths.tolist() == [0, 0, 2, 0, 0, 2]
 
 
+def test_one_sample_forms_give_the_same_flat_request():
+    """Int lists and 1-D tensors (the fast path) and tuples or mixed forms (read feature by feature) flatten
+    alike; ids may pass the smallest table (a: 10 rows) as long as they fit their own (c: 30 rows)."""
+    adapter = small_adapter()
+    forms = [
+        {"sparse": {"a": [9, 1], "c": [29]}, "dense": [0.5, 1.0]},
+        RankingRequest({"a": torch.tensor([9, 1]), "c": torch.tensor([29], dtype=torch.int32)},
+                       torch.tensor([0.5, 1.0])),
+        {"sparse": {"a": (9, 1), "b": [], "c": [29]}, "dense": (0.5, 1.0)},
+        {"sparse": {"a": [9, 1], "c": torch.tensor([29])}, "dense": torch.tensor([0.5, 1.0], dtype=torch.float64)},
+    ]
+    for form in forms:
+        prepared = adapter.prepare(form)
+        assert prepared.values.tolist() == [9, 1, 29] and prepared.lengths.tolist() == [2, 0, 1]
+        assert prepared.dense.tolist() == [0.5, 1.0] and prepared.samples == 1 and prepared.single
+
+
+@pytest.mark.parametrize("weights", [[0.5, 2.0], [1, 2.0], torch.tensor([0.5, 2.0]),
+                                     torch.tensor([0.5, 2.0], dtype=torch.float64)])
+def test_one_sample_weights_as_lists_or_tensors(weights):
+    adapter = small_adapter(weighted_keys=["a", "c"])
+    prepared = adapter.prepare({"sparse": {"b": [3], "c": [1, 2]}, "dense": [0, 0], "weights": {"c": weights}})
+    assert prepared.values.tolist() == [3, 1, 2]
+    assert prepared.weights.tolist() == [1.0, float(weights[0]), 2.0]
+
+
 def test_dlrm_batched_equals_alone_with_multi_sample_requests_and_padding(device):
     model = build_dlrm().to(device)
     adapter = RankingAdapter().configure(keys=SPARSE_KEYS, table_sizes=table_sizes_of(model), dense_dim=DENSE_DIM)
@@ -148,7 +174,10 @@ BAD = [
     ({"sparse": {"zzz": [1]}, "dense": [0, 0]}, "known feature key", "zzz"),
     ({"sparse": {"a": [3, 10]}, "dense": [0, 0]}, "ids < table size", 10),
     ({"sparse": {"c": [[1], [29, 30]]}, "dense": [[0, 0], [0, 0]]}, "ids < table size", 30),
+    ({"sparse": {"c": [5], "a": [12]}, "dense": [0, 0]}, "ids < table size", 12),
+    ({"sparse": {"a": torch.tensor([3, 10])}, "dense": [0, 0]}, "ids < table size", 10),
     ({"sparse": {"b": [-3]}, "dense": [0, 0]}, "ids >= 0", -3),
+    ({"sparse": {"b": torch.tensor([2, -3], dtype=torch.int32)}, "dense": [0, 0]}, "ids >= 0", -3),
     ({"sparse": {"a": [1.5]}, "dense": [0, 0]}, "integer ids", 1.5),
     ({"sparse": {"a": torch.tensor([2.0])}, "dense": [0, 0]}, "integer ids", 2.0),
     ({"sparse": {"a": [True]}, "dense": [0, 0]}, "integer ids", True),
@@ -157,6 +186,7 @@ BAD = [
     ({"sparse": {"a": [1]}}, "dense length", None),
     ({"sparse": {"a": [1]}, "dense": [float("nan"), 0]}, "finite dense values", math.nan),
     ({"sparse": {"a": [1]}, "dense": [float("inf"), 0]}, "finite dense values", math.inf),
+    ({"sparse": {"a": [1]}, "dense": [1e300, 0]}, "finite dense values", math.inf),  # past float32
     ({"sparse": {"a": [[1], [2]], "b": [[1]]}, "dense": [[0, 0], [0, 0]]}, "same number of samples",
      {"a": 2, "b": 1, "dense": 2}),
     ({"sparse": {"a": [[1], [2]], "b": [1]}, "dense": [[0, 0], [0, 0]]}, "same number of samples", "b"),
@@ -181,6 +211,7 @@ def test_bad_requests_are_refused_naming_rule_and_value(request_, rule, value):
 
 @pytest.mark.parametrize(("weights", "rule"), [
     ({}, "one weight per id"), ({"a": [1.0]}, "one weight per id"), ({"a": [1.0, float("nan")]}, "finite weights"),
+    ({"a": torch.tensor([1.0, float("inf")])}, "finite weights"), ({"a": [True, False]}, "numeric weights"),
     ({"b": [1.0]}, "weighted feature key"), ({"q": [1.0]}, "known feature key")])
 def test_bad_weights_are_refused(weights, rule):
     adapter = small_adapter(weighted_keys=["a"])
