@@ -71,6 +71,7 @@ class Scheduler:
         self._loop_thread: threading.Thread | None = None
         self._accepting = False
         self._handoff = threading.Lock()
+        self._handed_over = 0  # requests other threads handed to the loop that it has not queued yet
         self._draining = False
         self._idle: asyncio.Event | None = None
 
@@ -167,11 +168,11 @@ class Scheduler:
         `SchedulerClosed`. Batches already running always finish. Worker threads are joined."""
         if self._loop is None:
             return
-        with self._handoff:
+        with self._handoff:  # from here no thread hands a request over; those handed over already still count
             self._accepting = False
+            self._draining = drain
         await asyncio.gather(*(continuous.aclose(drain) for continuous in self._continuous.values()))
         if drain:
-            self._draining = True
             for lane in self._lanes.values():
                 self._pump(lane)
         else:
@@ -192,7 +193,7 @@ class Scheduler:
         self._loop = None
 
     def _quiet(self) -> bool:
-        return all(lane.in_flight == 0 for lane in self._lanes.values()) and all(
+        return self._handed_over == 0 and all(lane.in_flight == 0 for lane in self._lanes.values()) and all(
             workload.queue.depth == 0 for workload in self._workloads.values())
 
     def start(self) -> Scheduler:
@@ -265,7 +266,8 @@ class Scheduler:
         with self._handoff:  # close() flips _accepting under this lock: a request is handed over or refused
             if not self._accepting:
                 raise SchedulerClosed(f"workload {workload!r}: the scheduler closed; request not taken")
-            loop.call_soon_threadsafe(self._enqueue_or_fail, target, request)
+            self._handed_over += 1
+            loop.call_soon_threadsafe(self._take_handed_over, target, request)
         return future
 
     def stream(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
@@ -333,15 +335,33 @@ class Scheduler:
         deadline = now + timeout if timeout is not None else None
         return Request(prepared, cost, now, deadline, priority, waiter)
 
-    def _enqueue_or_fail(self, workload: Workload, request: Request) -> None:
+    def _take_handed_over(self, workload: Workload, request: Request) -> None:
+        """Queue a request another thread handed over before ``close()`` flipped the gate (loop thread).
+
+        It was accepted, so a draining close runs it even if closing began since; a close without drain fails
+        it like any queued request.
+        """
+        with self._handoff:
+            self._handed_over -= 1
         try:
-            self._enqueue(workload, request)
+            if not (self._accepting or self._draining):
+                raise SchedulerClosed(f"workload {workload.name!r}: the scheduler closed before this request ran "
+                                      f"(close(drain=False))")
+            self._push(workload, request)
+            if self._draining:
+                for lane in workload.lanes:
+                    self._pump(lane)
         except BatchplexError as error:
             fail(request, error)
+        if self._idle is not None and self._quiet():
+            self._idle.set()
 
     def _enqueue(self, workload: Workload, request: Request) -> None:
         if not self._accepting:
             raise SchedulerClosed(f"workload {workload.name!r}: the scheduler is closing; request not taken")
+        self._push(workload, request)
+
+    def _push(self, workload: Workload, request: Request) -> None:
         try:
             full = workload.queue.push(request)
         except BatchplexError:
