@@ -18,8 +18,9 @@ Measurements:
    one, the model, the split): the baseline of the headline ratio;
 2. **solo**: one workload on its own scheduler under saturating closed-loop load: items/s, and the device's busy
    fraction (device time of model work, from CUDA events, over wall time);
-3. **mixed**: all four workloads (or those `--mix` names) in one scheduler on one device, each under its own saturating load: each one's
-   share of its solo throughput and the busy fraction (plus NVML's GPU utilization, sampled, where available);
+3. **mixed**: all four workloads (or those ``--mix`` names) in one scheduler on one device, each under its own
+   saturating load: each one's share of its solo throughput and the busy fraction (plus NVML's GPU utilization,
+   sampled, where available);
 4. **overlap**: ``classify`` and ``embed`` alone with ``pipeline_depth=1`` (collate, run and finish one batch at a
    time) against the default 2 (batch k+1 collated and copied while batch k runs);
 5. **graphs**: ``classify`` at batch 1, 2, 4 and 8, eager against CUDA-graph replay, model only and end to end

@@ -38,7 +38,9 @@ stage_tests() { PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 420 $python -m pytest -
                 --ignore plugins/ray --ignore tests/test_service_example.py; }
 stage_vision() { $python benchmarks/vision_throughput.py --device cuda --duration 4; }
 stage_nlp() { $python benchmarks/nlp_throughput.py --device cuda --random-weights "${minilm[@]}"; }
-stage_recsys() { $python benchmarks/recsys_collate.py --device cuda && $python benchmarks/recsys_dlrm.py --device cuda; }
+stage_recsys() {
+    $python benchmarks/recsys_collate.py --device cuda && $python benchmarks/recsys_dlrm.py --device cuda
+}
 stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
 stage_generation() { $python benchmarks/generation_throughput.py --device cuda; }
 stage_reliability() { $python -m benchmarks.reliability.run oom shutdown soak --device cuda --soak-seconds 90; }
