@@ -73,10 +73,13 @@ class RequestQueue:
     def __init__(self, policy: BatchPolicy, workload: str = "") -> None:
         self.policy = policy
         self.workload = workload
+        # Read on every push: copied from the (frozen) policy once.
+        self._max_queue = policy.max_queue
+        self._budget = policy.max_batch_cost
+        self._bucket_edges = policy.bucket_edges
         # Live knobs, starting from the policy: an online tuner may move both; out-of-memory errors lower the cap.
-        self.max_batch_size = policy.max_batch_size
+        self._max_batch_size = self._memory_cap = self.batch_limit = policy.max_batch_size
         self.max_wait_s = policy.max_wait_s
-        self.memory_cap = policy.max_batch_size
         self.deadline_margin_s = 0.0  # expected run time of a batch: leave early enough to meet deadlines
         self._buckets = [_Bucket(policy.priority_levels) for _ in range(policy.bucket_count)]
         # (deadline, seq, weak reference): a finished request is not kept alive by the heap until it surfaces
@@ -85,10 +88,25 @@ class RequestQueue:
         self.cancelled_seen = 0
         self._refusals = 0
 
+    # ``batch_limit``, the most requests the next batch may hold (the current target, never above the memory
+    # cap), is read on every push: it is a plain attribute, recomputed whenever either knob is set.
     @property
-    def batch_limit(self) -> int:
-        """The most requests the next batch may hold: the current target, never above the memory cap."""
-        return max(1, min(self.max_batch_size, self.memory_cap))
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self._max_batch_size = value
+        self.batch_limit = max(1, min(value, self._memory_cap))
+
+    @property
+    def memory_cap(self) -> int:
+        return self._memory_cap
+
+    @memory_cap.setter
+    def memory_cap(self, value: int) -> None:
+        self._memory_cap = value
+        self.batch_limit = max(1, min(self._max_batch_size, value))
 
     # ---------------------------------------------------------------- arrivals
     def push(self, request: Request) -> bool:
@@ -96,38 +114,44 @@ class RequestQueue:
 
         Raises `QueueFullError` when ``max_queue`` requests are queued already.
         """
-        if self.depth >= self.policy.max_queue:
-            self._refusals += 1
-            if self._refusals >= max(1, self.depth // 16):  # amortized: a refusal stays O(1) on average
-                self._refusals = 0
-                self._compact()
-            if self.depth >= self.policy.max_queue:
-                raise QueueFullError(
-                    f"workload {self.workload!r}: queue is full ({self.depth} of max_queue="
-                    f"{self.policy.max_queue} requests waiting); retry later or raise BatchPolicy.max_queue")
-        index = self.policy.bucket_of(request.cost) if self.policy.bucket_edges else 0
-        request.bucket = index
-        bucket = self._buckets[index]
+        if self.depth >= self._max_queue:
+            self._refuse()
+        cost = request.cost
+        if self._bucket_edges:
+            request.bucket = self.policy.bucket_of(cost)
+        bucket = self._buckets[request.bucket]
         bucket.levels[request.priority].append(request)
         bucket.live += 1
         bucket.entries += 1
-        if request.cost > bucket.max_cost:
-            bucket.max_cost = request.cost
+        if cost > bucket.max_cost:
+            bucket.max_cost = cost
         self.depth += 1
         if request.deadline is not None:
-            heapq.heappush(self._deadlines, (request.deadline, request.seq, weakref.ref(request)))
-            if len(self._deadlines) > 2 * self.depth + 64:  # drop entries of finished requests (amortized)
-                self._deadlines = [entry for entry in self._deadlines if _queued(entry[2]())]
-                heapq.heapify(self._deadlines)
-        if bucket.entries > 2 * self.policy.max_queue + 64:
+            self._watch_deadline(request)
+        if bucket.entries > 2 * self._max_queue + 64:
             self._compact()
         return self._full(bucket)
 
+    def _refuse(self) -> None:
+        """The queue holds ``max_queue`` requests: raise `QueueFullError` unless dropping dead entries made room."""
+        self._refusals += 1
+        if self._refusals >= max(1, self.depth // 16):  # amortized: a refusal stays O(1) on average
+            self._refusals = 0
+            self._compact()
+        if self.depth >= self._max_queue:
+            raise QueueFullError(
+                f"workload {self.workload!r}: queue is full ({self.depth} of max_queue={self._max_queue} "
+                f"requests waiting); retry later or raise BatchPolicy.max_queue")
+
+    def _watch_deadline(self, request: Request) -> None:
+        heapq.heappush(self._deadlines, (request.deadline, request.seq, weakref.ref(request)))
+        if len(self._deadlines) > 2 * self.depth + 64:  # drop entries of finished requests (amortized)
+            self._deadlines = [entry for entry in self._deadlines if _queued(entry[2]())]
+            heapq.heapify(self._deadlines)
+
     def _full(self, bucket: _Bucket) -> bool:
-        if bucket.live >= self.batch_limit:
-            return True
-        budget = self.policy.max_batch_cost
-        return budget is not None and self.policy.padded_size(bucket.live) * bucket.max_cost >= budget
+        return bucket.live >= self.batch_limit or (
+            self._budget is not None and self.policy.padded_size(bucket.live) * bucket.max_cost >= self._budget)
 
     # ---------------------------------------------------------------- time
     def expire(self, now: float) -> list[Request]:
@@ -190,7 +214,7 @@ class RequestQueue:
 
     def _take_from(self, bucket: _Bucket, now: float) -> list[Request]:
         limit = self.batch_limit
-        budget = self.policy.max_batch_cost
+        budget = self._budget
         if budget is None and len(bucket.levels) == 1:
             return self._take_fifo(bucket, limit)
         aging = self.policy.priority_aging_ms / 1000.0

@@ -7,8 +7,9 @@
                           pinned memory, record event
 
 While batch k runs, batch k+1 is collated and copied, and batch k-1's results are split and delivered. On the CPU
-there are no streams or events: the same three stages run, synchronously within each stage, so CI exercises the
-same code path.
+there are no streams or events: the same stages run, synchronously within each stage, so CI exercises the same
+code; a CPU run is finished when the model returns, so there the run thread also finishes the batch (two threads:
+batch k+1 is still collated while batch k runs, and each batch makes one thread hop less).
 
 When a batch raises, the finish stage bisects it (collate + run + split again on each half) until the failing
 request(s) are alone, so only they fail. An out-of-memory error is handled the same way: the halves are retried,
@@ -68,7 +69,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class DeviceExecutor:
-    """Three pipelined worker threads for one device; ``on_done(job)`` is called from the finish thread."""
+    """Pipelined worker threads for one device (three on CUDA, two on the CPU); ``on_done(job)`` is called from
+    the thread of the last stage."""
 
     def __init__(self, device: torch.device, on_done: Callable[[BatchJob], None]) -> None:
         self.device = device
@@ -77,8 +79,10 @@ class DeviceExecutor:
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device)
             self._compute_stream = torch.cuda.Stream(device)
-        self._queues = [queue.SimpleQueue() for _ in range(3)]
-        stages = (self._collate_stage, self._run_stage, self._finish_stage)
+            stages = (self._collate_stage, self._run_stage, self._finish_stage)
+        else:
+            stages = (self._collate_stage, self._run_and_finish_stage)
+        self._queues = [queue.SimpleQueue() for _ in stages]
         self._threads = [threading.Thread(target=self._serve, args=(i, stage), daemon=True,
                                           name=f"batchplex-{device}-{stage.__name__.strip('_')}")
                          for i, stage in enumerate(stages)]
@@ -168,6 +172,12 @@ class DeviceExecutor:
         if job.error is not None:
             self._isolate(job)
         self._on_done(job)
+
+    def _run_and_finish_stage(self, job: BatchJob) -> None:
+        """The CPU's last stage: nothing runs asynchronously, so a thread of its own to finish would only add a
+        hand-off (and a wait for the GIL) per batch."""
+        self._run_stage(job)
+        self._finish_stage(job)
 
     @staticmethod
     def _fail_whole(job: BatchJob, error: BaseException) -> None:

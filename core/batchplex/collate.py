@@ -46,6 +46,8 @@ def stack_to_device(tensors: Sequence[torch.Tensor], device: torch.device, batch
     """Stack same-shape tensors into one host buffer (zero rows pad it to ``batch_size``) and move it once."""
     n = len(tensors)
     rows = batch_size or n
+    if rows == n and device.type == "cpu":  # nothing to pad, pin or move: one op instead of three
+        return torch.stack(tuple(tensors))
     first = tensors[0]
     staged = host_buffer((rows, *first.shape), first.dtype, device)
     torch.stack(tuple(tensors), out=staged[:n])

@@ -21,6 +21,7 @@ Every strategy of the classic batching playbook is a field here, validated once 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass
 
@@ -83,9 +84,11 @@ class BatchPolicy:
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
 
-    @property
+    @functools.cached_property
     def max_cost(self) -> float:
-        """The largest cost one request may have: the last bucket edge, else the whole budget, else unbounded."""
+        """The largest cost one request may have: the last bucket edge, else the whole budget, else unbounded.
+
+        Cached (the policy is frozen): every submit compares against it."""
         if self.bucket_edges:
             return self.bucket_edges[-1]
         return self.max_batch_cost if self.max_batch_cost is not None else math.inf

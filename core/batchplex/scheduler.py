@@ -27,7 +27,7 @@ from ._continuous_adapter import StepAdapter
 from ._continuous_policy import ContinuousPolicy
 from ._executor import BatchJob, DeviceExecutor
 from ._graphs import GraphedModel
-from ._outcomes import fail, resolve
+from ._outcomes import fail, settle
 from ._workload import Lane, Workload, devices_of, replicas_of
 from .adapter import Adapter
 from .continuous import ContinuousWorkload
@@ -235,14 +235,21 @@ class Scheduler:
         later `DeadlineExceeded` (not run before ``timeout`` seconds) or `RequestFailed` (the model failed on
         this request). Cancelling the await drops the request if it has not run yet.
         """
-        if workload in self._continuous:
-            self._check_accepting()
-            return await self._continuous[workload].submit(item, priority=priority, timeout=timeout, **params)
-        target = self._workload(workload)
+        target = self._workloads.get(workload)
+        if target is None or not self._accepting:
+            return await self._submit_other(workload, item, priority, timeout, params)
         loop = self._loop
         waiter = loop.create_future()
-        self._enqueue(target, self._accept(loop, target, item, priority, timeout, params, waiter))
+        self._push(target, self._accept(loop, target, item, priority, timeout, params, waiter))
         return await waiter
+
+    async def _submit_other(self, workload: str, item: Any, priority: int, timeout: float | None,
+                            params: dict) -> Any:
+        """`submit` off its fast path: a continuous workload, or a request refused (closed, unknown name)."""
+        if workload not in self._continuous:
+            self._workload(workload)  # raises SchedulerClosed or UnknownWorkloadError
+        self._check_accepting()
+        return await self._continuous[workload].submit(item, priority=priority, timeout=timeout, **params)
 
     def submit_nowait(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
                       **params: Any) -> concurrent.futures.Future:
@@ -461,19 +468,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     def _job_done(self, job: BatchJob) -> None:
-        """Called from a finish thread: hand the batch back to the loop with one thread-safe call."""
+        """Called from the executor's last stage: hand the batch back to the loop with one thread-safe call."""
         self._loop.call_soon_threadsafe(self._deliver, job)
 
     def _deliver(self, job: BatchJob) -> None:
         workload: Workload = job.workload
         stats = workload.stats
-        failed = 0
-        for request, result, error in zip(job.requests, job.results, job.errors):
-            if error is None:
-                resolve(request, result)
-            else:
-                failed += 1
-                fail(request, error)
+        failed = settle(job.requests, job.results, job.errors)
         stats.completed += len(job.requests) - failed
         stats.failed += failed
         workload.device_time += job.run_s
