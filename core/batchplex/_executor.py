@@ -1,4 +1,4 @@
-"""The device executor: runs batches for one device off the event loop, pipelined in three stages.
+"""The device executor: runs batches for one device off the event loop, pipelined in three stages (two on the CPU).
 
     collate thread            run thread                        finish thread
     adapter.collate  ──▶  model(inputs) on the compute     ──▶  wait for the batch's event, adapter.split,

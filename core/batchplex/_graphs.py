@@ -95,7 +95,12 @@ class GraphedModel:
             log.warning("workload %r: CUDA graph capture failed, running eagerly (%s)", self.name,
                         self.disabled_reason)
             torch.cuda.synchronize(self.device)
-            _end_random_capture(self.device)
+            try:
+                _end_random_capture(self.device)
+            except Exception as repair_error:  # the model still runs eagerly; random ops may fail, say so
+                log.warning("workload %r: could not clear the CUDA random generator's capture mark after the failed "
+                            "capture (%s: %s); random operations on %s may fail", self.name,
+                            type(repair_error).__name__, repair_error, self.device)
             return None
         self._graphs[signature] = (graph, static_inputs, static_output)
         log.info("workload %r: captured a CUDA graph for input signature %s", self.name, signature)
@@ -108,7 +113,8 @@ def _end_random_capture(device: torch.device) -> None:
     A capture that fails never reaches the generator's capture epilogue, so PyTorch keeps the default generator
     marked as capturing, and every later random op on the device (sampling in another workload, dropout, a
     ``randint``) fails with "Offset increment outside graph capture". One trivial capture that succeeds runs the
-    epilogue and clears the mark.
+    epilogue and clears the mark. A random op that another thread runs on the device while any capture is under
+    way can still fail: PyTorch's generator is marked for the whole capture.
     """
     side = torch.cuda.Stream(device)
     with torch.cuda.device(device), torch.cuda.stream(side):

@@ -71,7 +71,10 @@ class Scheduler:
         self._loop_thread: threading.Thread | None = None
         self._accepting = False
         self._handoff = threading.Lock()
-        self._handed_over = 0  # requests other threads handed to the loop that it has not queued yet
+        # Requests other threads handed to the loop, and those the loop has queued since: equal when none is in
+        # transit. Two counters, so the loop never takes the hand-off lock (submitters hold it while they hand over).
+        self._handed_over = 0  # written by submitting threads, under _handoff
+        self._taken_over = 0   # written by the loop thread
         self._draining = False
         self._idle: asyncio.Event | None = None
 
@@ -153,6 +156,7 @@ class Scheduler:
     async def __aenter__(self) -> Scheduler:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
+        self._draining = False
         for lane in self._lanes.values():
             lane.executor = self._new_executor(lane.device)
         for continuous in self._continuous.values():
@@ -193,7 +197,8 @@ class Scheduler:
         self._loop = None
 
     def _quiet(self) -> bool:
-        return self._handed_over == 0 and all(lane.in_flight == 0 for lane in self._lanes.values()) and all(
+        return self._taken_over == self._handed_over and all(
+            lane.in_flight == 0 for lane in self._lanes.values()) and all(
             workload.queue.depth == 0 for workload in self._workloads.values())
 
     def start(self) -> Scheduler:
@@ -273,8 +278,13 @@ class Scheduler:
         with self._handoff:  # close() flips _accepting under this lock: a request is handed over or refused
             if not self._accepting:
                 raise SchedulerClosed(f"workload {workload!r}: the scheduler closed; request not taken")
-            self._handed_over += 1
-            loop.call_soon_threadsafe(self._take_handed_over, target, request)
+            self._handed_over += 1  # counted before the loop can take it over
+            try:
+                loop.call_soon_threadsafe(self._take_handed_over, target, request)
+            except RuntimeError:  # the loop closed without close(): nothing will take this request
+                self._handed_over -= 1
+                raise SchedulerClosed(f"workload {workload!r}: the scheduler's event loop is closed; "
+                                      f"request not taken") from None
         return future
 
     def stream(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
@@ -348,8 +358,7 @@ class Scheduler:
         It was accepted, so a draining close runs it even if closing began since; a close without drain fails
         it like any queued request.
         """
-        with self._handoff:
-            self._handed_over -= 1
+        self._taken_over += 1
         try:
             if not (self._accepting or self._draining):
                 raise SchedulerClosed(f"workload {workload.name!r}: the scheduler closed before this request ran "
@@ -360,7 +369,7 @@ class Scheduler:
                     self._pump(lane)
         except BatchplexError as error:
             fail(request, error)
-        if self._idle is not None and self._quiet():
+        if not self._accepting and self._quiet():  # close() is waiting for the last request in transit
             self._idle.set()
 
     def _enqueue(self, workload: Workload, request: Request) -> None:

@@ -16,6 +16,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._jagged import EMPTY_IDS, INTEGER_DTYPES
@@ -23,6 +24,7 @@ from ._jagged import EMPTY_IDS, INTEGER_DTYPES
 __all__ = ["flat_dense", "flat_ids", "flat_weights"]
 
 _LISTS = frozenset((list, type(None)))
+_REAL = frozenset((int, float))  # plain Python numbers; bool, Decimal, Fraction and numpy scalars take the slow path
 _TENSORS = frozenset((torch.Tensor, type(None)))
 
 
@@ -73,11 +75,20 @@ def _from_tensors(raws: Sequence[Any], present: list[torch.Tensor]) -> tuple[tor
 def flat_dense(dense: Any, width: int) -> torch.Tensor | None:
     """One sample's ``width`` finite dense features as a 1-D float32 tensor.
 
-    A list, or a tensor or numpy array read through ``tolist()``: a copy, so the batch never sees later changes.
+    A list of real numbers, or a real-valued tensor or numpy array read through ``tolist()``: a copy, so the batch
+    never sees later changes (the feature-by-feature path may keep a view of a float32 tensor).
     """
     if dense is None:
         return None if width else torch.empty(0)
-    numbers = _float32_array(dense.tolist() if hasattr(dense, "tolist") else dense)
+    if type(dense) is torch.Tensor:
+        if dense.dtype == torch.bool or dense.is_complex():
+            return None
+        dense = dense.tolist()
+    elif type(dense) is np.ndarray:
+        if dense.dtype.kind not in "iuf":
+            return None
+        dense = dense.tolist()
+    numbers = _float32_array(dense)
     if numbers is None or len(numbers) != width or not math.isfinite(sum(numbers)):
         return None
     return _float32_tensor(numbers)
@@ -110,19 +121,19 @@ def _weight_list(raw: Any) -> array | None:
         if raw.dim() != 1 or raw.dtype == torch.bool or raw.is_complex():
             return None
         raw = raw.tolist()
-    elif type(raw) is not list or (raw and type(raw[0]) is bool):
+    elif type(raw) is not list:
         return None
     return _float32_array(raw)
 
 
 def _float32_array(numbers: Any) -> array | None:
-    """A list of numbers as a float32 ``array``; None for anything else (a number that is a string, a list, an
-    int past 1e308)."""
-    if type(numbers) is not list:
+    """A list of real numbers as a float32 ``array``; None for anything else (a string, a list, a Decimal, an int
+    past 1e308). ``array`` takes any object with ``__float__``, so every element's type is checked."""
+    if type(numbers) is not list or not set(map(type, numbers)) <= _REAL:
         return None
     try:
         return array("f", numbers)
-    except (TypeError, OverflowError):
+    except OverflowError:
         return None
 
 

@@ -3,7 +3,9 @@ the checks at submit and the adapter options. Models are real torchrec modules w
 
 import math
 import random
+from decimal import Decimal
 
+import numpy as np
 import pytest
 import torch
 from batchplex import InvalidRequestError
@@ -187,6 +189,7 @@ BAD = [
     ({"sparse": {"a": [1]}, "dense": [float("nan"), 0]}, "finite dense values", math.nan),
     ({"sparse": {"a": [1]}, "dense": [float("inf"), 0]}, "finite dense values", math.inf),
     ({"sparse": {"a": [1]}, "dense": [1e300, 0]}, "finite dense values", math.inf),  # past float32
+    ({"sparse": {"a": [1]}, "dense": np.array([0.5, 1.0], dtype=object)}, "numeric dense", np.ndarray),
     ({"sparse": {"a": [[1], [2]], "b": [[1]]}, "dense": [[0, 0], [0, 0]]}, "same number of samples",
      {"a": 2, "b": 1, "dense": 2}),
     ({"sparse": {"a": [[1], [2]], "b": [1]}, "dense": [[0, 0], [0, 0]]}, "same number of samples", "b"),
@@ -212,7 +215,7 @@ def test_bad_requests_are_refused_naming_rule_and_value(request_, rule, value):
 @pytest.mark.parametrize(("weights", "rule"), [
     ({}, "one weight per id"), ({"a": [1.0]}, "one weight per id"), ({"a": [1.0, float("nan")]}, "finite weights"),
     ({"a": torch.tensor([1.0, float("inf")])}, "finite weights"), ({"a": [True, False]}, "numeric weights"),
-    ({"b": [1.0]}, "weighted feature key"), ({"q": [1.0]}, "known feature key")])
+    ({"a": [Decimal("0.5"), Decimal("1")]}, "numeric weights"), ({"b": [1.0]}, "weighted feature key"), ({"q": [1.0]}, "known feature key")])
 def test_bad_weights_are_refused(weights, rule):
     adapter = small_adapter(weighted_keys=["a"])
     with pytest.raises(InvalidRequestError) as caught:
