@@ -48,8 +48,7 @@ import batchplex_recsys
 import batchplex_vision
 import torch
 import torchvision
-from batchplex import BatchPolicy, Scheduler
-from batchplex._graphs import GraphedModel
+from batchplex import BatchPolicy, GraphedModel, Scheduler
 from batchplex.plugins import PluginHost
 from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm

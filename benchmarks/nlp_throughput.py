@@ -33,8 +33,7 @@ import torch
 from harness import model_only, open_loop, saturate, write_results
 from nlp_common import ThreadedSubmit, lognormal_length, text, token_ids
 
-from batchplex import BatchPolicy, Scheduler
-from batchplex._graphs import GraphedModel
+from batchplex import BatchPolicy, GraphedModel, Scheduler
 from batchplex_nlp import HFModel, TextAdapter
 from batchplex_nlp.testing import load_minilm
 

@@ -39,8 +39,7 @@ import torchvision
 from harness import model_only, open_loop, saturate, write_results
 
 import batchplex_vision
-from batchplex import BatchPolicy, Scheduler
-from batchplex._graphs import GraphedModel
+from batchplex import BatchPolicy, GraphedModel, Scheduler
 
 DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
 DETECTOR_RESIZE = (320, 640)  # fasterrcnn_mobilenet_v3_large_320_fpn: shorter side 320, longer at most 640

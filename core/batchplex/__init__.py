@@ -5,6 +5,7 @@ priorities, deadlines, back-pressure) and finds workload adapters through pluggy
 ``batchplex``).
 """
 
+from ._graphs import GraphedModel
 from .adapter import Adapter
 from .continuous import ContinuousPolicy, ContinuousWorkload, StepAdapter, StepOutput, StepRecord, TokenStreamer
 from .errors import (BatchplexError, ContractError, DeadlineExceeded, DuplicateAdapterError, InvalidRequestError,
@@ -18,7 +19,7 @@ from .scheduler import Scheduler
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "BatchPolicy", "BatchRecord", "Scheduler", "hookimpl",
+    "Adapter", "BatchPolicy", "BatchRecord", "GraphedModel", "Scheduler", "hookimpl",
     "ContinuousPolicy", "ContinuousWorkload", "StepAdapter", "StepOutput", "StepRecord", "TokenStreamer",
     "BatchplexError", "ContractError", "DeadlineExceeded", "DuplicateAdapterError", "InvalidRequestError",
     "PluginError", "PolicyError", "QueueFullError", "RequestFailed", "RequestTooLargeError", "SchedulerClosed",
