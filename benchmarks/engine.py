@@ -53,13 +53,12 @@ from batchplex.plugins import PluginHost
 from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
 from batchplex_recsys import RankingRequest, table_sizes_of
-from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, random_request
+from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
 from harness import RESULTS, model_only, saturate, write_results
 from nlp_common import token_ids
-from torchrec import JaggedTensor
+from vision_common import DETECTOR_RESIZE, uint8_image
 
 PLUGINS = [batchplex_vision, batchplex_nlp, batchplex_recsys]
-DETECTOR_RESIZE = (320, 640)
 
 
 @dataclass
@@ -107,11 +106,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def uint8_image(rng: random.Random, height: int, width: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(rng.getrandbits(32))
-    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-
-
 def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
     cuda = device.type == "cuda"
     half = torch.float16 if cuda else torch.float32
@@ -128,9 +122,7 @@ def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
     samples = 32
 
     def rank_request(rng: random.Random) -> RankingRequest:
-        request = random_request(rng, num_embeddings=rows, samples=samples)
-        return RankingRequest({key: JaggedTensor.from_dense(ids) for key, ids in request.sparse.items()},
-                              request.dense)
+        return jagged_form(random_request(rng, num_embeddings=rows, samples=samples))
 
     detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None).eval().to(device)

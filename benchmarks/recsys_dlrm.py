@@ -31,9 +31,8 @@ import batchplex_recsys
 import torch
 from batchplex import BatchPolicy, Scheduler
 from batchplex_recsys import RankingAdapter, RankingRequest, table_sizes_of
-from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, random_request
+from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
 from harness import model_only, saturate, synchronize, write_results
-from torchrec import JaggedTensor
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,9 +67,7 @@ async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device,
     def make(rng: random.Random) -> RankingRequest:
         if samples == 1:
             return random_request(rng, num_embeddings=args.num_embeddings)
-        request = random_request(rng, num_embeddings=args.num_embeddings, samples=samples)
-        return RankingRequest({key: JaggedTensor.from_dense(ids) for key, ids in request.sparse.items()},
-                              request.dense)
+        return jagged_form(random_request(rng, num_embeddings=args.num_embeddings, samples=samples))
 
     async with Scheduler(plugins=[batchplex_recsys], autoload=False) as scheduler:
         scheduler.add_workload("dlrm", adapter="ranking", adapter_options=options, model=model, device=device,

@@ -30,19 +30,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
 from typing import Any
 
 import torch
 import torchvision
 from harness import model_only, open_loop, saturate, write_results
+from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
 from batchplex import BatchPolicy, GraphedModel, Scheduler
 
 DEFAULT_SWITCH_INTERVAL_S = sys.getswitchinterval()
-DETECTOR_RESIZE = (320, 640)  # fasterrcnn_mobilenet_v3_large_320_fpn: shorter side 320, longer at most 640
 DETECTION_EDGES = tuple(DETECTOR_RESIZE[0] * long for long in (400, 480, 560, 640))
 
 
@@ -73,11 +72,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def uint8_image(rng: random.Random, height: int, width: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(rng.getrandbits(32))
-    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-
-
 def mean_batch(before: dict[str, Any], after: dict[str, Any]) -> float:
     """Mean batch size between two `statistics()` snapshots of one workload."""
     return (after["completed"] - before["completed"]) / max(1, after["batches"] - before["batches"])
@@ -90,16 +84,13 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
     model = getattr(torchvision.models, args.model)(weights=None).eval().to(device, dtype, memory_format=memory_format)
     repeats = 30 if cuda else 5
 
-    def ceiling(batch: int) -> dict[str, float]:
+    def ceiling(batch: int, run: Any = model) -> dict[str, float]:
         x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype).to(memory_format=memory_format)
-        return model_only(lambda: model(x), batch, device, warmup=3 if cuda else 1, repeats=repeats)
+        return model_only(lambda: run(x), batch, device, warmup=3 if cuda else 1, repeats=repeats)
 
     alone = {"batch": ceiling(args.batch), "batch_1": ceiling(1)}
     if cuda:  # the ceiling of the CUDA-graph rows: the same batch replayed as one graph
-        x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
-        graphed = GraphedModel(model, device, "classify")
-        alone["batch_graph"] = model_only(lambda: graphed(x.to(memory_format=memory_format)), args.batch, device,
-                                          warmup=3, repeats=repeats)
+        alone["batch_graph"] = ceiling(args.batch, GraphedModel(model, device, "classify"))
     print(f"model only {alone}", flush=True)
     name = f"{args.model} {str(dtype)[6:]} {args.size}x{args.size} uint8"
     result = {"model": args.model, "dtype": str(dtype), "image": [3, args.size, args.size], "batch": args.batch,

@@ -236,7 +236,7 @@ async def shutdown_threaded(*, drain: bool = True, threads: int = 4, load: float
         except BaseException:  # noqa: BLE001 - counted: every accepted request must end in a result or SchedulerClosed
             counts["other"] += 1
         else:
-            counts["ok" if float(result.reshape(-1)[0]) == 2 * value + 1 else "wrong"] += 1
+            counts["ok" if _check(value)(result) else "wrong"] += 1
     refusals = {kind: refused.count(kind) for kind in sorted(set(refused))}
     return {"params": {"drain": drain, "threads": threads, "load": load, "load_s": load_s,
                        "max_batch_size": max_batch_size,

@@ -92,3 +92,10 @@ def example_workload(device: torch.device) -> ExampleWorkload:
         adapter_options={"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM},
         policy=BatchPolicy(max_batch_size=64, max_batch_cost=512, max_wait_ms=5),
         description="torchrec DLRM, 26 sparse + 13 dense features (Criteo-like, random weights)")
+
+
+def jagged_form(request: RankingRequest) -> RankingRequest:
+    """An N-sample request with one torchrec ``JaggedTensor`` per feature: the cheapest N-sample form to submit."""
+    from torchrec import JaggedTensor
+
+    return RankingRequest({key: JaggedTensor.from_dense(ids) for key, ids in request.sparse.items()}, request.dense)
