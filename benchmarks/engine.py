@@ -179,6 +179,7 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
     async with Scheduler(plugins=PLUGINS, autoload=False, pipeline_depth=pipeline_depth) as scheduler:
         for spec in specs:
             spec.add_to(scheduler, device, args.max_wait_ms)
+            await scheduler.warmup(spec.name, spec.make_request(random.Random(0)))  # every batch size: cuDNN plans
 
         async def window(seconds: float) -> list[dict[str, float]]:
             return await asyncio.gather(*(

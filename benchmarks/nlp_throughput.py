@@ -75,6 +75,7 @@ async def measure(args: argparse.Namespace, tokenizer, model, device: torch.devi
     async with Scheduler() as scheduler:
         scheduler.add_workload("embed", adapter=TextAdapter(tokenizer, max_length=max_length),
                                model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
+        await scheduler.warmup("embed", make_request(random.Random(0)))  # every batch size once
         client = ThreadedSubmit(scheduler, pool) if pool else scheduler
         await saturate(client, "embed", make_request, concurrency=args.concurrency, duration_s=1.0)
         before = scheduler.workloads["embed"].stats.cost

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 from typing import Any
 
@@ -138,6 +139,7 @@ async def end_to_end(args: argparse.Namespace, model: torch.nn.Module, device: t
                                cuda_graphs=graphs,
                                adapter_options={"size": args.size, "dtype": dtype, "channels_last": device.type
                                                 == "cuda"})
+        await scheduler.warmup("classify", make(random.Random(0)))  # every batch size once: cuDNN plans, graphs
         await saturate(scheduler, "classify", make, concurrency=args.concurrency, duration_s=args.duration / 4)
         before = scheduler.statistics()["classify"]
         loaded = await saturate(scheduler, "classify", make, concurrency=args.concurrency, duration_s=args.duration)

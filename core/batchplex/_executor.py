@@ -40,7 +40,7 @@ class BatchJob:
 
     __slots__ = ("workload", "requests", "items", "padded_size", "model", "owner", "waited_s", "inputs", "output",
                  "error",
-                 "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried")
+                 "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried", "batch_error")
 
     def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
                  waited_s: float = 0.0) -> None:
@@ -62,6 +62,7 @@ class BatchJob:
         self.errors: list[BaseException | None] = []
         self.oom_size = 0
         self.retried = False
+        self.batch_error: BaseException | None = None  # what failed the whole batch before it was bisected
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -221,6 +222,7 @@ class DeviceExecutor:
                     solve(a, b, sub_error)
 
         solve(0, n, error)
+        job.batch_error = error
         job.error = None
 
     def _run_alone(self, job: BatchJob, lo: int, hi: int) -> list[Any]:

@@ -108,6 +108,11 @@ class BatchPolicy:
             return sizes[bisect.bisect_left(sizes, n)]
         return n
 
+    @functools.cached_property
+    def batch_shapes(self) -> tuple[int, ...]:
+        """Every batch size this policy can hand a model, after padding: what a warm-up must run once."""
+        return tuple(sorted({self.padded_size(n) for n in range(1, self.max_batch_size + 1)}))
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
