@@ -3,6 +3,9 @@ into one buffer, and tokenizing at submit on the event loop vs off it under load
 
 * one text: microseconds per call of ``tokenizer(text)``, ``tokenizer.backend_tokenizer.encode(text)``, the
   adapter's own backend copy (``encode_batch_fast([text])``) and the whole of ``TextAdapter.prepare``;
+* the ids path per request, at the GPU benchmark's shape (128 requests of 128 tokens, MiniLM's 384-wide
+  output): ``TextAdapter.prepare`` of an int32 array (what ``nlp_common.token_ids`` makes), a list of ints and an
+  int64 tensor; ``collate`` of the 128 requests and ``split`` of the mean-pooled output, each per row;
 * padding 256 pre-tokenized sequences (log-normal 5-512 tokens): ``tokenizer.pad``,
   ``DataCollatorWithPadding`` and ``TextAdapter.collate``;
 * under load: ``--concurrency`` closed-loop clients each submit a text (log-normal length) and await its
@@ -70,6 +73,31 @@ def per_call(tokenizer, repeat: int) -> list[dict[str, Any]]:
             seconds = min(timeit.repeat(call, number=repeat, repeat=5)) / repeat
             rows.append({"tokens": adapter.prepare(sample).length, "way": way, "us": seconds * 1e6})
     return rows
+
+
+def ids_path(tokenizer, repeat: int, rows: int = 128, tokens: int = 128) -> list[dict[str, Any]]:
+    """Microseconds per request of each host step a pre-tokenized request goes through (collate and split are
+    timed per batch of ``rows`` and divided by it)."""
+    adapter = TextAdapter(tokenizer, max_length=tokens)
+    rng = random.Random(4)
+    ids = token_ids(rng, tokens)
+    as_list, as_tensor = ids.tolist(), torch.from_numpy(ids).long()
+    items = [adapter.prepare(token_ids(rng, tokens)) for _ in range(rows)]
+    pooled = torch.randn(rows, 384)
+    cpu = torch.device("cpu")
+    ways = {
+        "prepare(int32 array)": (lambda: adapter.prepare(ids), 1),
+        "prepare(list of ints)": (lambda: adapter.prepare(as_list), 1),
+        "prepare(int64 tensor)": (lambda: adapter.prepare(as_tensor), 1),
+        f"collate({rows} requests), per row": (lambda: adapter.collate(items, cpu, rows), rows),
+        f"split(({rows}, 384) pooled output), per row": (lambda: adapter.split(pooled, items), rows),
+    }
+    result = []
+    for way, (call, per) in ways.items():
+        call()
+        seconds = min(timeit.repeat(call, number=repeat * 10, repeat=5)) / (repeat * 10)
+        result.append({"tokens": tokens, "way": way, "us": seconds / per * 1e6})
+    return result
 
 
 def padding(tokenizer, n: int, repeat: int) -> list[dict[str, Any]]:
@@ -156,6 +184,7 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     tokenizer, _ = load_minilm(random_weights=True)
     calls = per_call(tokenizer, args.repeat)
+    ids = ids_path(tokenizer, args.repeat)
     pads = padding(tokenizer, 256, max(3, args.repeat // 10))
     embedding = torch.nn.Embedding(len(tokenizer), 384)
 
@@ -171,12 +200,13 @@ def main() -> None:
              for mode, runs in rounds.items()}
 
     rows = [[f"one text, {r['tokens']} tokens: {r['way']}", f"{r['us']:.1f} us"] for r in calls]
+    rows += [[f"{r['tokens']} token ids: {r['way']}", f"{r['us']:.2f} us"] for r in ids]
     rows += [[f"pad {r['sequences']} pre-tokenized sequences: {r['way']}", f"{r['ms']:.2f} ms"] for r in pads]
     rows += [[f"under load ({args.concurrency} clients, median of {args.rounds}): {mode}",
               f"{r['requests_per_s']:.0f} requests/s; latency p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; "
               f"loop lag p50 {r['loop_lag_p50_ms']:.2f} ms, p99 {r['loop_lag_p99_ms']:.2f} ms; mean batch "
               f"{r['mean_batch']:.1f}"] for mode, r in loads.items()]
-    payload = {"args": vars(args), "per_call": calls, "padding": pads, "under_load": loads,
+    payload = {"args": vars(args), "per_call": calls, "ids_path": ids, "padding": pads, "under_load": loads,
                "under_load_rounds": rounds}
     path = write_results(args.out, payload, rows, ["measurement", "result"])
     print(path.read_text())

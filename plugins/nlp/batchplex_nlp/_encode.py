@@ -12,6 +12,10 @@ with no padding and, by option, truncation at ``max_length``. Why not ``tokenize
   ``tokenizer(...)`` call resets: configuring that shared object would race with the caller's own use of it.
 
 A slow (pure Python) tokenizer has no backend and is called as ``tokenizer(text, pair, ...)`` instead.
+
+Token ids sent as they are (an int32/int64 array or tensor, or a list of ints) skip the tokenizer: they are checked
+against the vocabulary with one reduction (`_outside`) and copied once into int32, 2.5 us for 128 ids in an int32
+array on a 2-core CPU (benchmarks/nlp_tokenize.py).
 """
 
 from __future__ import annotations
@@ -31,16 +35,15 @@ __all__ = ["Encoded", "TextEncoder"]
 _REQUEST_FORMS = "a str, a (str, str) pair, or token ids (a list of ints or a 1-D integer tensor/array)"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Encoded:
-    """One prepared request: its token ids (special tokens included) and, when not all zero, its segment ids."""
+    """One prepared request: its token ids (special tokens included), its segment ids when not all zero, and its
+    length. Built once at submit and never changed after; ``length`` is a plain attribute because ``cost`` reads
+    it per request and ``collate`` per row."""
 
     ids: np.ndarray                 # int32, shape (length,)
     type_ids: np.ndarray | None     # int8, shape (length,); None when every segment id is 0
-
-    @property
-    def length(self) -> int:
-        return int(self.ids.size)
+    length: int                     # ids.size
 
 
 class TextEncoder:
@@ -74,9 +77,11 @@ class TextEncoder:
         """Validate and tokenize one request; bad input raises `InvalidRequestError` naming the rule."""
         if isinstance(item, str):
             return self._encode_text(item, None)
-        if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(part, str) for part in item):
-            return self._encode_text(item[0], item[1])
-        if isinstance(item, (list, tuple, np.ndarray, torch.Tensor)):
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            return self._encode_ids(item)
+        if isinstance(item, (tuple, list)):
+            if len(item) == 2 and all(isinstance(part, str) for part in item):
+                return self._encode_text(item[0], item[1])
             return self._encode_ids(item)
         raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; got {type(item).__name__}",
                                   rule="text, text pair or token ids", value=type(item).__name__)
@@ -95,7 +100,7 @@ class TextEncoder:
         if length > self.max_length:  # only without truncation
             raise self._too_long(length)
         types = np.array(type_ids, dtype=np.int8) if type_ids is not None and any(type_ids) else None
-        return Encoded(np.array(ids, dtype=np.int32), types)
+        return Encoded(np.array(ids, dtype=np.int32), types, length)
 
     def _tokenize_fast(self, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
         encoding = self._batch_encode([text if pair is None else (text, pair)])[0]
@@ -121,19 +126,35 @@ class TextEncoder:
             raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; token ids must be a flat "
                                       f"sequence of ints, got shape {ids.shape} of {ids.dtype}",
                                       rule="text, text pair or token ids", value=f"{ids.dtype}{list(ids.shape)}")
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            raise InvalidRequestError(f"token id {int(ids[bad][0])} is outside the tokenizer's vocabulary "
-                                      f"[0, {self.vocab_size})", rule="token ids within the vocabulary",
-                                      value=int(ids[bad][0]))
+        if _outside(ids, self.vocab_size):
+            bad = (ids < 0) | (ids >= self.vocab_size)
+            first = int(ids[bad][0])
+            raise InvalidRequestError(f"token id {first} is outside the tokenizer's vocabulary [0, "
+                                      f"{self.vocab_size})", rule="token ids within the vocabulary", value=first)
         if ids.size > self.max_length:
             if not self.truncate:
-                raise self._too_long(int(ids.size))
+                raise self._too_long(ids.size)
             ids = ids[-self.max_length:] if self.truncation_side == "left" else ids[:self.max_length]
-        return Encoded(ids.astype(np.int32), None)
+        return Encoded(ids.astype(np.int32), None, ids.size)  # a copy: the caller may reuse its array
 
     def _too_long(self, length: int) -> RequestTooLargeError:
         return RequestTooLargeError(
             f"the request is {length} tokens long, more than max_length={self.max_length} (overflow='reject'); "
             f"shorten it, or configure the adapter with overflow='truncate'",
             rule="length <= max_length", value=length)
+
+
+#: The unsigned view of each integer dtype that `_outside` reads directly (native byte order, 32 or 64 bits).
+_UNSIGNED = {np.dtype(signed): np.dtype(unsigned) for signed, unsigned in
+             ((np.int32, np.uint32), (np.int64, np.uint64), (np.uint32, np.uint32), (np.uint64, np.uint64))}
+
+
+def _outside(ids: np.ndarray, vocab_size: int) -> bool:
+    """Whether any id is negative or ``>= vocab_size``, in one reduction instead of two comparisons, an ``or``
+    and an ``any`` (1.3 us vs 2.4 us for 128 ids): viewed as unsigned, a negative int32 or int64 is at least
+    2**31, past any vocabulary. Narrower or byte-swapped ids (rare) are widened to int64 first."""
+    unsigned = _UNSIGNED.get(ids.dtype)
+    if unsigned is None:
+        ids = ids.astype(np.int64)
+        unsigned = _UNSIGNED[ids.dtype]
+    return int(ids.view(unsigned).max()) >= vocab_size

@@ -156,16 +156,19 @@ class TextAdapter(Adapter[Encoded]):
             first = mask.argmax(dim=1)  # the first real token, for either padding side
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
         weights = mask.unsqueeze(1).to(hidden.dtype)  # (batch, 1, length)
-        counts = mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
-        return torch.bmm(weights, hidden).squeeze(1) / counts
+        counts = weights.sum(dim=2).clamp_(min=1)  # = mask.sum() in hidden's dtype: the ones add up in float32
+        return torch.bmm(weights, hidden).squeeze(1).div_(counts)
 
     def split(self, output: Any, items: Sequence[Encoded]) -> list[Any]:
-        """One result per request, without padding rows or padded positions."""
+        """One result per request, without padding rows or padded positions: views of ``output``, one ``unbind``
+        for all rows, then a slice only of the rows that have padded positions."""
         per_token = self.output == "hidden_states" or (self.output == "logits" and output.dim() == 3)
         if not per_token:
             return split_rows(output, len(items))
-        starts = real_starts(items, output.shape[1], self.left)
-        return [output[row, start:start + item.length] for row, (start, item) in enumerate(zip(starts, items))]
+        padded = output.shape[1]
+        starts = real_starts(items, padded, self.left)
+        return [row if item.length == padded else row[start:start + item.length]
+                for row, start, item in zip(split_rows(output, len(items)), starts, items)]
 
 
 def _field(output: Any, name: str) -> torch.Tensor:

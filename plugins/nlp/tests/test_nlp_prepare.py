@@ -124,6 +124,68 @@ def test_invalid_requests_name_the_rule(tokenizer, request_, rule):
     assert caught.value.rule == rule
 
 
+#: Per integer dtype, ids outside MiniLM's vocabulary [0, 30522) that it can hold, extremes included.
+OUT_OF_VOCABULARY = {
+    "i1": [-1, -128], "i2": [-1, 30522, 2**15 - 1], "i4": [-1, 30522, 2**31 - 1, -2**31],
+    "i8": [-1, 30522, 2**63 - 1, -2**63], "u1": [], "u2": [30522, 2**16 - 1], "u4": [30522, 2**32 - 1],
+    "u8": [30522, 2**64 - 1], ">i4": [-1, 30522], ">u8": [30522, 2**64 - 1],
+}
+
+
+@pytest.mark.parametrize("dtype", list(OUT_OF_VOCABULARY))
+def test_ids_of_every_integer_dtype_are_checked_and_copied_to_int32(tokenizer, dtype):
+    adapter = TextAdapter(tokenizer)
+    valid = [101, 7, min(30521, np.iinfo(dtype).max), 102]  # the last id of the vocabulary where it fits
+    ids = np.array(valid, dtype=dtype)
+    prepared = adapter.prepare(ids)
+    assert prepared.ids.dtype == np.int32 and prepared.ids.tolist() == valid and prepared.length == 4
+    ids[1] = 8
+    assert prepared.ids[1] == 7  # a copy: the caller may reuse its array once submitted
+    for bad in OUT_OF_VOCABULARY[dtype]:
+        ids[2] = bad
+        with pytest.raises(InvalidRequestError, match=f"token id {bad} is outside") as caught:
+            adapter.prepare(ids)
+        assert caught.value.rule == "token ids within the vocabulary" and caught.value.value == bad
+
+
+def test_ids_beyond_max_length_are_checked_before_truncation(tokenizer):
+    adapter = TextAdapter(tokenizer, max_length=4)
+    for ids in ([101, 5, 6, 7, 8, 30522], torch.tensor([101, 5, 6, 7, -2], dtype=torch.int32)):
+        with pytest.raises(InvalidRequestError) as caught:
+            adapter.prepare(ids)
+        assert caught.value.rule == "token ids within the vocabulary" and caught.value.value == int(ids[-1])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_of_full_rows_equals_the_padded_layout(tokenizer, side):
+    """Requests that fill the padded length are copied in as they are, without the mask: the rows are the same
+    as when a padding row makes the batch go through the mask."""
+    adapter = TextAdapter(tokenizer, padding_side=side)
+    items = [adapter.prepare(request) for request in (list(range(101, 109)), ("a question", "its short answer"),
+                                                      np.arange(1000, 1008, dtype=np.int32))]
+    assert {item.length for item in items} == {8}
+    full = adapter.collate(items, torch.device("cpu"), batch_size=3)
+    padded = adapter.collate(items, torch.device("cpu"), batch_size=4)
+    assert list(full) == list(padded)
+    for field, tensor in full.items():
+        assert tensor.shape == (3, 8) and torch.equal(tensor, padded[field][:3]), field
+    assert full["input_ids"].tolist() == [item.ids.tolist() for item in items]
+    assert full["attention_mask"].all()
+    assert full["token_type_ids"].tolist() == [[0] * 8, items[1].type_ids.tolist(), [0] * 8]
+    if side == "left":
+        assert full["position_ids"].tolist() == [list(range(8))] * 3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_split_cuts_padding_off_only_where_there_is_some(tokenizer, side):
+    adapter = TextAdapter(tokenizer, padding_side=side, output="hidden_states")
+    items = [adapter.prepare(list(range(101, 109))), adapter.prepare([101, 7, 102])]
+    output = torch.arange(3 * 8 * 2, dtype=torch.float32).reshape(3, 8, 2)  # a padding row at the end
+    full, short = adapter.split(output, items)
+    assert torch.equal(full, output[0]) and full.data_ptr() == output.data_ptr()  # a view, not a copy
+    assert torch.equal(short, output[1, 5:] if side == "left" else output[1, :3])
+
+
 def test_request_parameters_are_refused(tokenizer):
     with pytest.raises(InvalidRequestError, match="no request parameters"):
         TextAdapter(tokenizer).prepare("hi", language="en")
