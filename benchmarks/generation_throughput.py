@@ -1,4 +1,4 @@
-"""Generation throughput and latency: static batching, transformers' continuous batching, batchplex.
+"""Generation throughput and latency: static batching, transformers' continuous batching, batchplex's two engines.
 
 A Llama-shaped model with random weights (so EOS is ignored: every request generates exactly its
 ``max_new_tokens``, drawn uniformly from ``--min-new`` to ``--max-new``) gets ``--requests`` prompts of
@@ -9,18 +9,20 @@ a. static batching: ``model.generate`` (greedy) on left-padded batches of ``--ba
 b. transformers' continuous batching: the ``ContinuousBatchingManager`` that ``model.generate_batch`` wraps, with
    ``add_request`` per request (``generate_batch`` takes one ``max_new_tokens`` for all requests, so it could not
    run this mix without generating 500 tokens for every request);
-c. batchplex: a continuous workload with the ``generation`` adapter (the same paged cache and step function
-   as b, driven by batchplex's step loop), each request through ``submit`` (time to first token taken on the step
-   thread, like b's timestamps), and d. the same through ``stream`` (as the consuming coroutine sees it).
+c. batchplex: a continuous workload with the ``generation`` adapter and its default engine (``blocks``:
+   batchplex's own paged cache and step loop, CUDA graphs for decoding on GPUs), each request through ``submit``
+   (time to first token taken on the step thread, like b's timestamps), and d. the same through ``stream`` (as the
+   consuming coroutine sees it);
+e. batchplex with ``engine="transformers"``: c's workload stepping b's paged cache and batch processor.
 
-b and c share the KV cache size (``--cache-tokens``), block size, step token budget (``--batch-tokens``) and the
-active cap (``--batch``, also a's batch size). Reported per system: generated tokens/s (only the tokens requests
-asked for), time to first token and request latency p50/p99 (from each request's arrival), and for a and c the
-peak KV cache held (tokens; a holds ``batch x (longest prompt + longest output)``). With ``--repeats`` the systems
+b, c, d and e share the KV cache size (``--cache-tokens``), block size, step token budget (``--batch-tokens``) and
+the active cap (``--batch``, also a's batch size). Reported per system: generated tokens/s (only the tokens requests
+asked for), time to first token and request latency p50/p99 (from each request's arrival), and for a, c, d and e
+the peak KV cache held (tokens; a holds ``batch x (longest prompt + longest output)``). With ``--repeats`` the systems
 run in turn that many times and each one's fastest run is kept.
 
     python benchmarks/generation_throughput.py --device cuda              # 256 requests, 16-layer 1024-wide model
-    python benchmarks/generation_throughput.py --device cpu               # 48 requests, tiny model, ~2 minutes
+    python benchmarks/generation_throughput.py --device cpu               # 32 requests, tiny model, about a minute
 
 Results go to ``benchmarks/results/<--out>.json`` and ``.md``, stamped with the card (or CPU), command and date.
 """
@@ -51,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--requests", type=int, help="number of requests (default: 256 cuda, 48 cpu)")
+    parser.add_argument("--requests", type=int, help="number of requests (default: 256 cuda, 32 cpu)")
     parser.add_argument("--batch", type=int, help="static batch size = active cap (default: 64 cuda, 16 cpu)")
     parser.add_argument("--min-new", type=int, default=5)
     parser.add_argument("--max-new", type=int, default=500)
@@ -66,8 +68,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, help="token budget per step (default: 2048 cuda, 512 cpu)")
     parser.add_argument("--cache-tokens", type=int, help="KV cache capacity, tokens (default: batch x longest)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", default="abcd", help="which to run: a static, b transformers, c batchplex "
-                                                           "submit, d batchplex stream (default: all)")
+    parser.add_argument("--systems", default="abcde", help="which to run: a static, b transformers, c batchplex "
+                                                            "submit, d batchplex stream, e batchplex submit with "
+                                                            "engine='transformers' (default: all)")
     parser.add_argument("--repeats", type=int, help="runs of each system, the fastest kept (default: 1 cuda, 2 cpu, "
                                                     "where other processes share the cores)")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: 1 on cpu, where the "
@@ -76,7 +79,7 @@ def parse_args() -> argparse.Namespace:
                                       "generation-throughput-<device>)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    defaults = {"requests": 256 if cuda else 48, "batch": 64 if cuda else 16, "prompt_max": 256 if cuda else 64,
+    defaults = {"requests": 256 if cuda else 32, "batch": 64 if cuda else 16, "prompt_max": 256 if cuda else 64,
                 "hidden": 1024 if cuda else 128, "layers": 16 if cuda else 2, "heads": 16 if cuda else 4,
                 "dtype": "bfloat16" if cuda else "float32", "batch_tokens": 2048 if cuda else 512,
                 "torch_threads": torch.get_num_threads() if cuda else 1, "repeats": 1 if cuda else 2,
@@ -213,9 +216,9 @@ def run_transformers(model: LlamaForCausalLM, requests: list[dict], args: argpar
 
 # ------------------------------------------------------------------------------------------------- c. batchplex
 async def run_batchplex(model: LlamaForCausalLM, tokenizer: Any, requests: list[dict], args: argparse.Namespace,
-                        streaming: bool) -> dict[str, Any]:
+                        streaming: bool, engine: str = "blocks") -> dict[str, Any]:
     adapter = GenerationAdapter(tokenizer, eos_token_id=None, cache_tokens=args.cache_tokens,
-                                block_size=args.block_size, max_length=args.prompt_max + args.max_new)
+                                block_size=args.block_size, max_length=args.prompt_max + args.max_new, engine=engine)
     policy = ContinuousPolicy(max_active=args.batch, max_batch_tokens=args.batch_tokens, max_queue=len(requests))
     workload = ContinuousWorkload("gen", adapter, policy, model=model, device=args.device)
     workload.start()
@@ -249,8 +252,10 @@ async def run_batchplex(model: LlamaForCausalLM, tokenizer: Any, requests: list[
     if streaming:
         return summarize("d. batchplex, stream() per request", requests, ttft, latency, seconds, peak,
                          note + "; TTFT as the consumer sees it")
-    result = summarize("c. batchplex, submit() per request", requests, [0.0], latency, seconds, peak,
-                       note + "; TTFT when the step made the token (as b)")
+    name = "c. batchplex, submit() per request" if engine == "blocks" else \
+        f"e. batchplex engine={engine!r}, submit() per request"
+    result = summarize(name, requests, [0.0], latency, seconds, peak, note + "; TTFT when the step made the token "
+                       "(as b)")
     result["ttft_ms"] = {key: stats["ttft_ms"][key] for key in ("p50", "p99")}
     return result
 
@@ -270,15 +275,16 @@ def main() -> None:
                        do_sample=False, pad_token_id=0)
     systems = {"a": lambda: run_static(model, requests, args), "b": lambda: run_transformers(model, requests, args),
                "c": lambda: asyncio.run(run_batchplex(model, tokenizer, requests, args, streaming=False)),
-               "d": lambda: asyncio.run(run_batchplex(model, tokenizer, requests, args, streaming=True))}
-    systems = [systems[key] for key in args.systems]
-    runs: list[list[dict[str, Any]]] = [[] for _ in systems]
+               "d": lambda: asyncio.run(run_batchplex(model, tokenizer, requests, args, streaming=True)),
+               "e": lambda: asyncio.run(run_batchplex(model, tokenizer, requests, args, streaming=False,
+                                                      engine="transformers"))}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in args.systems}
     for _ in range(args.repeats):  # interleaved, so a noisy minute does not hit one system only
-        for system, kept in zip(systems, runs):
-            kept.append(system())
+        for key, kept in runs.items():
+            kept.append(systems[key]())
             print(kept[-1])
-    results = [max(kept, key=lambda result: result["tokens_per_s"]) for kept in runs]
-    static, hf, ours = (results[i]["tokens_per_s"] for i in range(3))
+    best = {key: max(kept, key=lambda result: result["tokens_per_s"]) for key, kept in runs.items()}
+    results = list(best.values())
     params = sum(parameter.numel() for parameter in model.parameters())
     setting = (f"Llama {args.layers}x{args.hidden} ({params / 1e6:.0f}M params, {args.dtype}), {args.requests} "
                f"requests, prompts {args.prompt_min}-{args.prompt_max}, outputs {args.min_new}-{args.max_new} "
@@ -286,10 +292,12 @@ def main() -> None:
     table = [[r["system"], f"{r['tokens_per_s']:.0f}", f"{r['ttft_ms']['p50']:.0f}", f"{r['ttft_ms']['p99']:.0f}",
               f"{r['latency_ms']['p50']:.0f}", f"{r['latency_ms']['p99']:.0f}",
               "" if r["peak_kv_tokens"] is None else str(r["peak_kv_tokens"]), r["note"]] for r in results]
-    table.append([f"batchplex (submit) / static: {ours / static:.2f}x tokens/s; / transformers: {ours / hf:.2f}x",
-                  "", "", "", "", "", "", setting])
+    speedups = {f"c_vs_{key}": best["c"]["tokens_per_s"] / best[key]["tokens_per_s"] for key in "abe"
+                if "c" in best and key in best}
+    summary = "; ".join(f"batchplex (c) / {key[-1]}: {value:.2f}x tokens/s" for key, value in speedups.items())
+    table.append([summary or "-", "", "", "", "", "", "", setting])
     path = write_results(args.out, {"setting": setting, "args": vars(args), "results": results,
-                                    "speedup_vs_static": ours / static, "speedup_vs_transformers": ours / hf},
+                                    "speedups": speedups},
                          table, ["system", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "latency p50 ms",
                                  "latency p99 ms", "peak KV tokens", "notes"])
     print(path.read_text())

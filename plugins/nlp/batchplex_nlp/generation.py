@@ -10,22 +10,20 @@ end-of-sequence token (or when its caller cancelled or its deadline passed).
     text = await workload.submit("Once upon a time", max_new_tokens=50)
     async for piece in workload.stream("Once upon a time", max_new_tokens=50): ...
 
-Why transformers' own machinery (through `PagedEngine`) rather than a step loop of our own: it already has what a
-step loop needs and a hand-written one would redo, less well: a paged KV cache (a sequence holds blocks of
+Why batchplex runs its own step loop (`BlockEngine`, ``engine="blocks"``, the default): transformers' continuous
+batching (``engine="transformers"``, `PagedEngine`, which steps its batch processor one iteration at a time) builds
+every step's cache read indices token by token in Python and a dense query x key mask when flash-attention is not
+installed (its ``sdpa``/``eager`` paged paths), so a step's host time grows with the tokens held by all active
+sequences. On an H200 (transformers 5.17, 16-layer 1024-wide Llama, bf16, 64 active sequences of up to 756 tokens)
+a decode step took ~78 ms and batchplex generated 630 tokens/s through it, against 990 for static batching with
+``model.generate``. `BlockEngine` runs the same model with a paged KV cache of its own (a sequence holds blocks of
 ``block_size`` tokens, allocated as it grows, so memory follows the tokens actually generated rather than
-``max_length`` per sequence, and a finished or cancelled sequence hands its blocks back at once); prefill and decode
-tokens of different sequences packed into one varlen forward (no padding); chunked prefill; flash-attention and
-CUDA-graph paths where available; per-request temperature, top-k and top-p. Its greedy tokens equal
-``model.generate``'s. What it lacks for a server, batchplex adds around it: priorities, deadlines, cancellation,
-a bounded queue, admission by token budget, streaming to asyncio callers, statistics. Its manager's own thread and
-FIFO queue are not used: the workload's step thread drives the batch processor one step at a time.
-
-Known limit, measured: without flash-attention (the ``sdpa``/``eager`` paged paths), transformers builds every
-step's cache read indices token by token in Python and a dense query x key mask, so a step's host time grows with
-the tokens held by all active sequences. On an H200 (transformers 5.17, 16-layer 1024-wide Llama, bf16, 64 active
-sequences of up to 756 tokens) its own manager then generated 568 tokens/s against 905 for static batching with
-``model.generate``; on the CPU, where the forward dominates, it is ahead. Install flash-attention on GPUs (its decode
-path reads the cache through block tables) before relying on this adapter for throughput.
+``max_length`` per sequence; a finished or cancelled sequence hands its blocks back at once; when the cache is full
+the newest sequence is preempted and recomputed later), builds cache indices and masks with tensor ops on the
+device, and replays its decode step from CUDA graphs on GPUs. Its greedy tokens equal ``model.generate``'s, like
+transformers' engine's. ``engine="transformers"`` remains, for prefix sharing (``prefix_sharing=True``) and
+flash-attention's varlen kernels. What neither engine has for a server, batchplex adds around it: priorities,
+deadlines, cancellation, a bounded queue, admission by token budget, streaming to asyncio callers, statistics.
 
 Request parameters (``submit(prompt, **params)``): ``max_new_tokens`` (int >= 1, default the adapter's),
 ``ignore_eos`` (generate exactly ``max_new_tokens`` tokens), and, when the adapter was configured with
@@ -53,6 +51,7 @@ from batchplex.continuous import ContinuousPolicy, StepAdapter, StepOutput, Toke
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ._encode import TextEncoder
+from ._generation_blocks import BlockEngine
 from ._generation_text import TextStreamer
 
 if TYPE_CHECKING:
@@ -65,6 +64,7 @@ SAMPLING = {"temperature": (float, "a number > 0"), "top_k": (int, "an int >= 1"
             "top_p": (float, "a number in (0, 1]")}
 _DEFAULT_MAX_LENGTH = 4096
 _CPU_CACHE_TOKENS = 65536
+_ENGINES = ("blocks", "transformers")
 
 
 @dataclass
@@ -93,8 +93,10 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
       ids, or None (stop on ``max_new_tokens`` only).
     * KV cache: ``cache_tokens`` (its capacity in tokens; default on CUDA: ``max_memory_percent`` (0.5) of the free
       memory, on the CPU: ``max_active * max_length`` capped at 65536), ``block_size`` (tokens per block, 64),
-      ``prefix_sharing`` (share the blocks of identical prompt prefixes; default False, so memory figures are
-      exact).
+      ``prefix_sharing`` (share the blocks of identical prompt prefixes, ``engine="transformers"`` only; default
+      False, so memory figures are exact).
+    * ``engine``: ``"blocks"`` (batchplex's step loop, `BlockEngine`; the default) or ``"transformers"``
+      (transformers' continuous batching processor, `PagedEngine`); see the module docstring.
     * ``skip_special_tokens``: when decoding text results and streams (True).
     """
 
@@ -104,7 +106,7 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
                  max_length: int | None = None, sampling: Mapping[str, float | int] | None = None,
                  seed: int | None = None, eos_token_id: int | Sequence[int] | str | None = "auto",
                  cache_tokens: int | None = None, block_size: int = 64, max_memory_percent: float = 0.5,
-                 prefix_sharing: bool = False, skip_special_tokens: bool = True) -> None:
+                 prefix_sharing: bool = False, skip_special_tokens: bool = True, engine: str = "blocks") -> None:
         if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError(f"generation adapter: tokenizer must be a transformers PreTrainedTokenizerBase, got "
                             f"{type(tokenizer).__name__}")
@@ -115,6 +117,10 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
         if not (isinstance(max_memory_percent, float) and 0 < max_memory_percent <= 1):
             raise ValueError(f"generation adapter: max_memory_percent must be a float in (0, 1], got "
                              f"{max_memory_percent!r}")
+        if engine not in _ENGINES:
+            raise ValueError(f"generation adapter: engine must be one of {_ENGINES}, got {engine!r}")
+        if prefix_sharing and engine != "transformers":
+            raise ValueError("generation adapter: prefix_sharing needs engine='transformers'")
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
@@ -126,8 +132,9 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
         self.max_memory_percent = max_memory_percent
         self.prefix_sharing = prefix_sharing
         self.skip_special_tokens = skip_special_tokens
+        self.engine = engine
         self._encoder: TextEncoder | None = None
-        self._engine: PagedEngine | None = None
+        self._engine: BlockEngine | PagedEngine | None = None
         self._sent: dict[str, int] = {}  # request id -> tokens already reported
         self._ids = itertools.count()
 
@@ -181,11 +188,6 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
         """Move ``model`` to ``device``; size and allocate the paged KV cache for ``policy``."""
         if self.tokenizer is None:
             raise TypeError("the generation adapter needs a tokenizer (adapter_options={'tokenizer': ...})")
-        try:  # imported here, so that the plugin (and its other adapters) loads with any transformers version
-            from ._generation_paged import PagedEngine
-        except ImportError as error:
-            raise ImportError(f"the generation adapter needs transformers' continuous batching (transformers >= "
-                              f"5.17): {error}") from error
         model = model.to(device).eval()
         config = model.config.get_text_config()
         if config.vocab_size < len(self.tokenizer):
@@ -203,12 +205,16 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
                                              eos_token_id=-1 if self._eos is None else self._eos,
                                              pad_token_id=self.tokenizer.pad_token_id,
                                              **self.sampling)
+        options = {"max_active": policy.max_active, "max_batch_tokens": policy.max_batch_tokens,
+                   "num_blocks": None if cache_tokens is None else math.ceil(cache_tokens / self.block_size),
+                   "block_size": self.block_size, "max_memory_percent": self.max_memory_percent,
+                   "per_request_sampling": bool(self.sampling), "seed": self.seed}
         with torch.inference_mode():
-            self._engine = PagedEngine(
-                model, generation_config, max_active=policy.max_active, max_batch_tokens=policy.max_batch_tokens,
-                num_blocks=None if cache_tokens is None else math.ceil(cache_tokens / self.block_size),
-                block_size=self.block_size, max_memory_percent=self.max_memory_percent,
-                prefix_sharing=self.prefix_sharing, per_request_sampling=bool(self.sampling), seed=self.seed)
+            if self.engine == "blocks":
+                self._engine = BlockEngine(model, generation_config, max_length=self._max_length, **options)
+            else:
+                self._engine = _paged_engine()(model, generation_config, prefix_sharing=self.prefix_sharing,
+                                               **options)
         capacity = self._engine.num_blocks * self.block_size
         if capacity < self._max_length:
             self.close()
@@ -263,6 +269,15 @@ class GenerationAdapter(StepAdapter[GenerationRequest]):
 
     def streamer(self, prepared: GenerationRequest) -> TokenStreamer:
         return TextStreamer(self.tokenizer, self.skip_special_tokens) if prepared.text else TokenStreamer()
+
+
+def _paged_engine() -> type[PagedEngine]:
+    try:  # imported here, so that the plugin (and its other adapters) loads with any transformers version
+        from ._generation_paged import PagedEngine
+    except ImportError as error:
+        raise ImportError(f"the generation adapter's engine='transformers' needs transformers' continuous batching "
+                          f"(transformers >= 5.17): {error}") from error
+    return PagedEngine
 
 
 def _resolve_eos(option: int | Sequence[int] | str | None, model: torch.nn.Module,

@@ -1,6 +1,7 @@
 """The ``generation`` step adapter under continuous batching, with a tiny random Llama and MiniLM's tokenizer:
 greedy tokens equal ``model.generate`` alone, requests join a running batch, cancelled and timed-out sequences give
-their KV blocks back, bad prompts fail alone, text prompts answer and stream text, sampling per request."""
+their KV blocks back, bad prompts fail alone, text prompts answer and stream text, sampling per request. The main
+tests run with both engines (batchplex's ``blocks``, the default, and ``transformers``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ MAX_LENGTH = 256
 PROMPTS = [[101, 2023, 2003, 1037], [101, 7592], list(range(1000, 1040)), [101, 2054, 2003, 2115, 2171, 102],
            [4242]]
 NEW_TOKENS = [12, 20, 5, 16, 9]
+
+
+@pytest.fixture(params=["blocks", "transformers"])
+def engine(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +84,8 @@ def admitted_at(workload, request_id):
     return next(record.index for record in workload.steps() if request_id in record.admitted)
 
 
-async def test_greedy_tokens_equal_generate_alone(tokenizer, alone, device):
-    async with running(tokenizer, device) as w:
+async def test_greedy_tokens_equal_generate_alone(tokenizer, alone, device, engine):
+    async with running(tokenizer, device, engine=engine) as w:
         results = await asyncio.gather(*(w.submit(prompt, max_new_tokens=n, request_id=f"r{i}")
                                          for i, (prompt, n) in enumerate(zip(PROMPTS, NEW_TOKENS))))
         stats = w.statistics()
@@ -90,9 +96,9 @@ async def test_greedy_tokens_equal_generate_alone(tokenizer, alone, device):
     assert admitted_at(w, "r3") > 0 and admitted_at(w, "r4") > 0
 
 
-async def test_a_request_joins_a_batch_that_is_decoding(tokenizer, alone, device):
+async def test_a_request_joins_a_batch_that_is_decoding(tokenizer, alone, device, engine):
     long, short = PROMPTS[0], PROMPTS[3]
-    async with running(tokenizer, device) as w:
+    async with running(tokenizer, device, engine=engine) as w:
         stream = w.stream(long, max_new_tokens=200, request_id="long")
         first = [await stream.__anext__() for _ in range(3)]
         joined = await w.submit(short, max_new_tokens=6, request_id="short")
@@ -106,8 +112,8 @@ async def test_a_request_joins_a_batch_that_is_decoding(tokenizer, alone, device
     assert all("long" in steps[i].active for i in range(join, finished + 1))
 
 
-async def test_kv_memory_grows_with_the_tokens_generated(tokenizer, device):
-    async with running(tokenizer, device, cache_tokens=1024) as w:
+async def test_kv_memory_grows_with_the_tokens_generated(tokenizer, device, engine):
+    async with running(tokenizer, device, cache_tokens=1024, engine=engine) as w:
         await w.submit([101, 2000, 2001, 2002], max_new_tokens=40)
     used = [record.memory["kv_blocks_used"] for record in w.steps()]
     # After step i the cache holds the 4 prompt tokens and i generated ones; the last step freed everything.
@@ -115,8 +121,8 @@ async def test_kv_memory_grows_with_the_tokens_generated(tokenizer, device):
     assert w.steps()[0].memory["kv_blocks"] == 64
 
 
-async def test_cancelling_a_stream_frees_its_kv_blocks(tokenizer, alone, device):
-    async with running(tokenizer, device) as w:
+async def test_cancelling_a_stream_frees_its_kv_blocks(tokenizer, alone, device, engine):
+    async with running(tokenizer, device, engine=engine) as w:
         seen = []
         async for token in w.stream(PROMPTS[2], max_new_tokens=200):
             seen.append(token)
@@ -175,19 +181,20 @@ async def test_a_text_prompt_answers_and_streams_text(tokenizer, alone, device):
     assert answer == expected and "".join(pieces) == expected and len(pieces) > 1
 
 
-async def test_generation_stops_at_eos_unless_told_otherwise(tokenizer, alone, device):
+async def test_generation_stops_at_eos_unless_told_otherwise(tokenizer, alone, device, engine):
     reference = alone(PROMPTS[3], 12, device)
     eos = reference[4]
     stop = reference.index(eos)
-    async with running(tokenizer, device, eos_token_id=eos) as w:
+    async with running(tokenizer, device, eos_token_id=eos, engine=engine) as w:
         stopped = await w.submit(PROMPTS[3], max_new_tokens=12)
         ignored = await w.submit(PROMPTS[3], max_new_tokens=12, ignore_eos=True)
     assert stopped == reference[:stop + 1] == alone(PROMPTS[3], 12, device, eos=eos)
     assert ignored == reference
 
 
-async def test_sampling_parameters_per_request(tokenizer, alone, device):
-    async with running(tokenizer, device, sampling={"temperature": 0.7, "top_k": 50}, seed=0) as w:
+async def test_sampling_parameters_per_request(tokenizer, alone, device, engine):
+    async with running(tokenizer, device, sampling={"temperature": 0.7, "top_k": 50}, seed=0,
+                       engine=engine) as w:
         greedy = await asyncio.gather(*(w.submit(prompt, max_new_tokens=8, top_k=1) for prompt in PROMPTS[:3]))
         hot = await w.submit(PROMPTS[0], max_new_tokens=30, temperature=1.5)
         with pytest.raises(InvalidRequestError) as bad_value:
@@ -209,6 +216,11 @@ def test_the_adapter_is_configured_by_options(tokenizer):
         GenerationAdapter(tokenizer, sampling={"top_p": 1.5})
     with pytest.raises(ValueError, match="block_size"):
         GenerationAdapter(tokenizer, block_size=0)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        GenerationAdapter(tokenizer, engine="vllm")
+    with pytest.raises(ValueError, match="prefix_sharing needs engine='transformers'"):
+        GenerationAdapter(tokenizer, prefix_sharing=True)
+    assert GenerationAdapter(tokenizer).engine == "blocks"
 
 
 async def test_the_scheduler_submits_and_streams_to_a_generation_workload_next_to_a_batch_workload(
