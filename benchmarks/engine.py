@@ -174,7 +174,7 @@ class UtilizationSampler:
 
 
 async def run_load(specs: list[Spec], device: torch.device, args: argparse.Namespace, *,
-                   pipeline_depth: int = 2) -> dict[str, Any]:
+                   pipeline_depth: int | None = None) -> dict[str, Any]:
     """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall."""
     async with Scheduler(plugins=PLUGINS, autoload=False, pipeline_depth=pipeline_depth) as scheduler:
         for spec in specs:
@@ -272,7 +272,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
         off = await run_load([spec], device, args, pipeline_depth=1)
         on = result["solo"][spec.name]
         rate_off, rate_on = (r["workloads"][spec.name]["items_per_s"] for r in (off, on))
-        result["overlap"][spec.name] = {"pipeline_depth_1": off, "pipeline_depth_2": on}
+        result["overlap"][spec.name] = {"pipeline_depth_1": off, "pipeline_depth_default": on}
         rows.append([f"{spec.name}: overlap off (pipeline_depth=1)", spec.batch_label, f"{rate_off:.0f}",
                      f"overlap on: {rate_on / rate_off:.2f}x", f"{off['busy_fraction']:.0%}", _nvml(off)])
     print("overlap", result["overlap"], flush=True)

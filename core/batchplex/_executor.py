@@ -90,6 +90,11 @@ class DeviceExecutor:
         for thread in self._threads:
             thread.start()
 
+    @staticmethod
+    def stage_count(device: torch.device) -> int:
+        """How many batches the executor of ``device`` works on at once: one per stage."""
+        return 3 if device.type == "cuda" else 2
+
     def submit(self, job: BatchJob) -> None:
         self._queues[0].put(job)
 

@@ -21,10 +21,12 @@ __all__ = ["Lane", "Workload", "devices_of", "replicas_of"]
 
 
 class Lane:
-    """One device: its executor, the workloads placed on it and how many of their batches are in flight."""
+    """One device: its executor, the workloads placed on it, how many of their batches are in flight and how many
+    may be (``depth``)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, depth: int) -> None:
         self.device = device
+        self.depth = depth
         self.executor: DeviceExecutor | None = None
         self.workloads: list[Workload] = []
         self.in_flight = 0

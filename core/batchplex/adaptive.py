@@ -228,7 +228,7 @@ class AdaptiveBatching:
             if not isinstance(objective, LatencyObjective):
                 objective = LatencyObjective(ms=objective)
             workload = workloads[name]
-            controller = LatencyController(objective, workload.policy, pipeline_depth=scheduler.pipeline_depth,
+            controller = LatencyController(objective, workload.policy, pipeline_depth=max(lane.depth for lane in workload.lanes),
                                            **controller_options)
             self.controllers[name] = controller
             self._queues[name] = workload.queue

@@ -58,7 +58,7 @@ class BatchplexDeployment:
     """
 
     async def __init__(self, specs: Sequence[WorkloadSpec], device: str = "cpu", plugins: Iterable[object] = (),
-                       pipeline_depth: int = 2) -> None:
+                       pipeline_depth: int | None = None) -> None:
         self.device = torch.device(device)
         self.replica_id = _replica_id()
         self.scheduler = Scheduler(plugins, pipeline_depth=pipeline_depth)
@@ -103,7 +103,7 @@ class BatchplexDeployment:
 
 def build_app(specs: Sequence[WorkloadSpec], *, num_replicas: int = 1, device: str = "cpu",
               name: str = "batchplex", plugins: Iterable[object] = (), max_ongoing_requests: int | None = None,
-              ray_actor_options: dict[str, Any] | None = None, pipeline_depth: int = 2) -> serve.Application:
+              ray_actor_options: dict[str, Any] | None = None, pipeline_depth: int | None = None) -> serve.Application:
     """A Serve application of ``num_replicas`` replicas, each with one scheduler running all ``specs``.
 
     On ``device="cuda"`` each replica asks Ray for one GPU (``num_gpus: 1``) unless ``ray_actor_options`` says
