@@ -7,7 +7,8 @@ fp32 on the CPU), ``text`` adapter with mask-aware mean pooling on the device, 1
 * model only: ``model(**batch)`` on a ready device batch of ``--batch`` x 128 (and of 1 x 128): the ceiling;
 * end to end, saturating: ``--concurrency`` closed-loop submitters on one event loop, each awaiting its embedding
   before submitting again; requests as pre-tokenized ids (int32 arrays), and as texts tokenized at submit: on
-  the event loop, and with ``--text-pool W`` on W threads through ``submit_nowait``;
+  the event loop, with ``--text-pool W`` on W threads through ``submit_nowait``, and per batch on the collate
+  thread (``tokenize="collate"``: one call for the batch, spread over the tokenizer's threads);
 * latency at half load: open-loop Poisson arrivals at 50% of the end-to-end rate of ids, p50/p99;
 * a mixed-length stream (log-normal 5-512 tokens, pre-tokenized) at saturating load, in arrival order and with
   ``bucket_edges=(16, 32, 64, 128, 256, 512)``: sequences/s, real tokens/s, and the padded fraction of the
@@ -66,14 +67,14 @@ def parse_args() -> argparse.Namespace:
 
 async def measure(args: argparse.Namespace, tokenizer, model, device: torch.device, make_request, *,
                   buckets: tuple[int, ...] = (), max_length: int = 512, pool: int = 0,
-                  rate: float | None = None, graphs: bool = False) -> dict[str, Any]:
+                  rate: float | None = None, graphs: bool = False, tokenize: str = "submit") -> dict[str, Any]:
     """One workload on a fresh scheduler: a short warm-up, then saturating load (or Poisson load at ``rate``).
 
     ``graphs`` replays the model as CUDA graphs, every batch padded to ``--batch`` rows."""
     policy = BatchPolicy(max_batch_size=args.batch, max_wait_ms=args.max_wait_ms, bucket_edges=buckets,
                          max_queue=1 << 20, preferred_batch_sizes=(args.batch,) if graphs else ())
     async with Scheduler() as scheduler:
-        scheduler.add_workload("embed", adapter=TextAdapter(tokenizer, max_length=max_length),
+        scheduler.add_workload("embed", adapter=TextAdapter(tokenizer, max_length=max_length, tokenize=tokenize),
                                model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
         await scheduler.warmup("embed", make_request(random.Random(0)))  # every batch size once
         client = ThreadedSubmit(scheduler, pool) if pool else scheduler
@@ -118,6 +119,8 @@ async def main() -> None:
     if device.type == "cuda":
         e2e["ids, CUDA graphs"] = await measure(args, tokenizer, model, device, fixed["ids"], max_length=seq,
                                                 graphs=True)
+    e2e["texts, tokenized per batch (tokenize='collate')"] = await measure(
+        args, tokenizer, model, device, fixed["texts, tokenized on the loop"], max_length=seq, tokenize="collate")
     if args.text_pool:
         e2e[f"texts, tokenized on {args.text_pool} threads"] = await measure(
             args, tokenizer, model, device, fixed["texts, tokenized on the loop"], max_length=seq,

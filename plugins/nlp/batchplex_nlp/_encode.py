@@ -38,12 +38,15 @@ _REQUEST_FORMS = "a str, a (str, str) pair, or token ids (a list of ints or a 1-
 @dataclass(slots=True)
 class Encoded:
     """One prepared request: its token ids (special tokens included), its segment ids when not all zero, and its
-    length. Built once at submit and never changed after; ``length`` is a plain attribute because ``cost`` reads
-    it per request and ``collate`` per row."""
+    length. ``length`` is a plain attribute because ``cost`` reads it per request and ``collate`` per row.
 
-    ids: np.ndarray                 # int32, shape (length,)
+    Built at submit; a text deferred to its batch (`TextEncoder.defer`) has no ids until `TextEncoder.complete`
+    tokenizes it on the executor's collate thread, and until then ``length`` is an estimate."""
+
+    ids: np.ndarray | None          # int32, shape (length,); None while a deferred text waits for its batch
     type_ids: np.ndarray | None     # int8, shape (length,); None when every segment id is 0
-    length: int                     # ids.size
+    length: int                     # ids.size (an estimate while deferred)
+    text: str | tuple[str, str] | None = None  # a deferred text or pair, dropped once tokenized
 
 
 class TextEncoder:
@@ -88,11 +91,17 @@ class TextEncoder:
 
     # ------------------------------------------------------------------ texts
     def _encode_text(self, text: str, pair: str | None) -> Encoded:
+        self._check_not_empty(text, pair)
+        ids, type_ids = self._tokenize(text, pair)
+        return self._encoded(ids, type_ids, text)
+
+    def _check_not_empty(self, text: str, pair: str | None) -> None:
         if not self.allow_empty and (not text.strip() or (pair is not None and not pair.strip())):
             raise InvalidRequestError("the text is empty or only whitespace; send some text, or configure the "
                                       "adapter with allow_empty=True to embed it anyway",
                                       rule="non-empty text", value=text if not text.strip() else pair)
-        ids, type_ids = self._tokenize(text, pair)
+
+    def _encoded(self, ids: list[int], type_ids: list[int] | None, text: Any) -> Encoded:
         length = len(ids)
         if length == 0:
             raise InvalidRequestError("the text tokenizes to no token at all and the tokenizer adds no special "
@@ -101,6 +110,36 @@ class TextEncoder:
             raise self._too_long(length)
         types = np.array(type_ids, dtype=np.int8) if type_ids is not None and any(type_ids) else None
         return Encoded(np.array(ids, dtype=np.int32), types, length)
+
+    # ------------------------------------------------------------------ texts tokenized per batch
+    @property
+    def can_defer(self) -> bool:
+        """Texts can wait for their batch: a fast tokenizer that truncates (a text too long to reject at submit
+        would otherwise fail only at collate)."""
+        return self._tokenize == self._tokenize_fast and self.truncate
+
+    def defer(self, item: Any) -> Encoded:
+        """A text or pair checked (type, emptiness) but not tokenized: `complete` tokenizes it with its batch.
+        Its ``length`` until then: an estimate of four characters per token plus three special tokens, at most
+        ``max_length`` (what length buckets and token budgets see). Token ids are encoded at once."""
+        if isinstance(item, str):
+            self._check_not_empty(item, None)
+            return Encoded(None, None, min(self.max_length, len(item) // 4 + 3), item)
+        if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(part, str) for part in item):
+            self._check_not_empty(item[0], item[1])
+            return Encoded(None, None, min(self.max_length, (len(item[0]) + len(item[1])) // 4 + 3), tuple(item))
+        return self.encode(item)
+
+    def complete(self, items: list[Encoded]) -> None:
+        """Tokenize every deferred text of a batch in one call, which the tokenizer spreads over its threads
+        without the GIL (collate thread). A text that comes out without a token raises `InvalidRequestError`."""
+        waiting = [item for item in items if item.ids is None]
+        if not waiting:
+            return
+        encodings = self._batch_encode([item.text for item in waiting])
+        for item, encoding in zip(waiting, encodings):
+            done = self._encoded(encoding.ids, encoding.type_ids if self.makes_type_ids else None, item.text)
+            item.ids, item.type_ids, item.length, item.text = done.ids, done.type_ids, done.length, None
 
     def _tokenize_fast(self, text: str, pair: str | None) -> tuple[list[int], list[int] | None]:
         encoding = self._batch_encode([text if pair is None else (text, pair)])[0]

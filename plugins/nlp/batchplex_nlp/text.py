@@ -1,7 +1,8 @@
 """The ``text`` adapter: encoder models (BERT, MiniLM, RoBERTa, ...) over texts, text pairs or token ids.
 
 A request is tokenized once at submit, without padding (`TextEncoder`); its cost is its token count, so the
-core's ``bucket_edges`` and ``max_batch_cost`` count tokens. A batch is padded to its longest member rounded up to
+core's ``bucket_edges`` and ``max_batch_cost`` count tokens. With ``tokenize="collate"`` texts are tokenized per
+batch instead, on the executor's collate thread, in one call the tokenizer runs on all its threads. A batch is padded to its longest member rounded up to
 ``pad_to_multiple_of`` (tensor cores like multiples of 8), in one pinned host buffer moved with one copy
 (`pad_batch`). The model gets one dict: wrap a Hugging Face model in `HFModel` so it is called as
 ``model(**batch)``. What comes back per request depends on ``output``; reductions run on the device in
@@ -57,6 +58,13 @@ class TextAdapter(Adapter[Encoded]):
     * ``pad_to_multiple_of``: round each batch's padded length up to this (default 8), never past ``max_length``.
     * ``output``: one of `OUTPUTS` (default ``"mean_pooling"``).
     * ``results_on_device``: keep results on the model's device instead of copying them to host memory.
+    * ``tokenize``: ``"submit"`` (default: each text is tokenized when it is submitted, on the caller's thread, so
+      its exact token count is its cost) or ``"collate"`` (each batch's texts are tokenized together on the
+      collate thread: one ``encode_batch`` call spread over the tokenizer's threads without the GIL, instead of one
+      call per request on the event loop; a text's cost is then an estimate, four characters per token, so length
+      buckets and token budgets are approximate). ``"collate"`` needs a fast tokenizer and
+      ``overflow="truncate"`` (a text is not tokenized before it is accepted, so it cannot be refused for its
+      length). Token ids are checked at submit either way.
     * ``allow_empty``: accept empty or whitespace-only texts (default False: they are refused at submit with
       ``rule="non-empty text"``; a text that tokenizes to nothing but special tokens is otherwise a valid
       request). A request with no token at all is always refused.
@@ -74,8 +82,9 @@ class TextAdapter(Adapter[Encoded]):
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, *, max_length: int | None = None,
                  overflow: str = "truncate", padding_side: str = "right", pad_to_multiple_of: int = 8,
                  output: str = "mean_pooling", results_on_device: bool = False, allow_empty: bool = False,
-                 position_ids: bool | None = None) -> None:
+                 position_ids: bool | None = None, tokenize: str = "submit") -> None:
         _check_choice("overflow", overflow, ("truncate", "reject"))
+        _check_choice("tokenize", tokenize, ("submit", "collate"))
         _check_choice("padding_side", padding_side, ("right", "left"))
         _check_choice("output", output, tuple(OUTPUTS))
         _check_int("pad_to_multiple_of", pad_to_multiple_of)
@@ -105,6 +114,10 @@ class TextAdapter(Adapter[Encoded]):
         self.pad_id = next((token_id for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                             if token_id is not None), 0)
         self._encoder = TextEncoder(tokenizer, max_length, overflow == "truncate", allow_empty)
+        if tokenize == "collate" and not self._encoder.can_defer:
+            raise ValueError(f"text adapter: tokenize='collate' needs a fast tokenizer and overflow='truncate'; "
+                             f"got {type(tokenizer).__name__} with overflow={overflow!r}")
+        self._prepare = self._encoder.defer if tokenize == "collate" else self._encoder.encode
 
     def configure(self, **options: Any) -> TextAdapter:
         if options.get("tokenizer") is None:
@@ -121,10 +134,10 @@ class TextAdapter(Adapter[Encoded]):
         if self._encoder is None:
             raise TypeError("this text adapter has no tokenizer; build it with TextAdapter(tokenizer=...) or "
                             "add_workload(..., adapter_options={'tokenizer': ...})")
-        return self._encoder.encode(item)
+        return self._prepare(item)
 
     def cost(self, prepared: Encoded) -> int:
-        """The request's token count (special tokens included)."""
+        """The request's token count (special tokens included; estimated for a text left to its batch)."""
         return prepared.length
 
     def padded_cost(self, costs: Sequence[int], batch_size: int) -> int:
@@ -138,6 +151,7 @@ class TextAdapter(Adapter[Encoded]):
     def collate(self, items: Sequence[Encoded], device: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` (1 on real tokens), ``token_type_ids`` where the tokenizer makes
         them and ``position_ids`` with left padding: int64 tensors of shape (batch_size, padded length)."""
+        self._encoder.complete(items)
         length = self._padded_length(max(item.length for item in items))
         return pad_batch(items, rows=batch_size, length=length, pad_id=self.pad_id, left=self.left,
                          type_ids=self._encoder.makes_type_ids, position_ids=self.position_ids, device=device)

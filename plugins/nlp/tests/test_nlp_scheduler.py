@@ -80,6 +80,40 @@ def test_pairs_carry_token_type_ids(tokenizer, tiny, device, texts, run):
     assert not torch.allclose(results[0].cpu(), without_segments, atol=1e-3)  # the segment ids did matter
 
 
+@pytest.mark.parametrize("output", ["mean_pooling", "hidden_states"])
+def test_texts_tokenized_per_batch_equal_each_text_alone(tokenizer, tiny, device, output, texts, run):
+    pairs = [("What batches requests?", "batchplex does, by length."), ("Short?", "Yes. " * 30)]
+    ids = tokenizer(texts[3])["input_ids"]
+    requests = [*texts, *pairs, ids]
+    results, stats = run(requests, tiny, {"tokenizer": tokenizer, "output": output, "tokenize": "collate"},
+                         device=device)
+    assert stats["batches"] == 1 and stats["failed"] == 0
+    for index, request in enumerate(requests[:-1]):
+        alone = _alone(tiny, tokenizer, request, device)
+        expected = alone.mean(dim=0) if output == "mean_pooling" else alone
+        assert_same_result(results[index].cpu(), expected, rtol=RTOL, atol=ATOL, where=f"request {index}")
+    assert_same_result(results[-1], results[3], rtol=0, atol=1e-6, where="ids next to deferred texts")
+
+
+def test_texts_left_to_their_batch_are_checked_at_submit_and_estimated(tokenizer, tiny):
+    adapter = TextAdapter(tokenizer, tokenize="collate", max_length=64)
+    deferred = adapter.prepare("one two three four " * 5)
+    assert deferred.ids is None and adapter.cost(deferred) == len("one two three four " * 5) // 4 + 3
+    assert adapter.cost(adapter.prepare("word " * 500)) == 64  # an estimate never above max_length
+    with pytest.raises(InvalidRequestError, match="empty"):
+        adapter.prepare("   ")
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        adapter.prepare([101, 10 ** 9, 102])  # token ids are still checked at submit
+    batch = adapter.collate([deferred, adapter.prepare("hi")], torch.device("cpu"), 2)
+    assert deferred.ids is not None and deferred.text is None
+    assert batch["attention_mask"].sum(dim=1).tolist() == [deferred.length, 3]
+    assert deferred.length == len(tokenizer("one two three four " * 5)["input_ids"])
+    with pytest.raises(ValueError, match="tokenize='collate' needs a fast tokenizer and overflow='truncate'"):
+        TextAdapter(tokenizer, tokenize="collate", overflow="reject")
+    with pytest.raises(ValueError, match="tokenize must be one of"):
+        TextAdapter(tokenizer, tokenize="later")
+
+
 def test_pretokenized_ids_equal_the_text(tokenizer, tiny, device, texts, run):
     text = texts[2]
     ids = tokenizer(text)["input_ids"]
