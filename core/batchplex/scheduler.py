@@ -185,6 +185,14 @@ class Scheduler:
         with self._handoff:  # from here no thread hands a request over; those handed over already still count
             self._accepting = False
             self._draining = drain
+        try:
+            await self._shut_down(drain)
+        finally:
+            if self._gc_held:
+                _gc_freeze.release()
+                self._gc_held = False
+
+    async def _shut_down(self, drain: bool) -> None:
         await asyncio.gather(*(continuous.aclose(drain) for continuous in self._continuous.values()))
         if drain:
             for lane in self._lanes.values():
@@ -204,9 +212,6 @@ class Scheduler:
         await asyncio.gather(*(asyncio.to_thread(executor.close) for executor in executors))
         for lane in self._lanes.values():
             lane.executor = None
-        if self._gc_held:
-            _gc_freeze.release()
-            self._gc_held = False
         self._loop = None
 
     def _quiet(self) -> bool:
@@ -338,21 +343,44 @@ class Scheduler:
             raise ValueError(f"workload {workload!r}: batch_sizes must be ints from 1 to max_batch_size "
                              f"({policy.max_batch_size}), got {batch_sizes!r}")
         loop = self._loop
+        request = self._accept(loop, target, item, 0, None, params, None)  # one request stands for every row
+        budget = policy.max_batch_cost
         took: dict[int, float] = {}
         for lane in target.lanes:
-            for size in sizes:
-                requests = [self._accept(loop, target, item, 0, None, params, None) for _ in range(size)]
-                finished = loop.create_future()
+            # Largest first: with cuda_graphs, the sizes that carry the load get the graphs (GraphedModel keeps a few).
+            for size in sorted(sizes, reverse=True):
+                padded = policy.padded_size(size)
+                if size > target.queue.batch_limit or (
+                        budget is not None and target.adapter.padded_cost([request.cost] * size, padded) > budget):
+                    continue  # a batch live traffic never forms (the cost budget, or a limit an OOM lowered)
                 started = loop.time()
-                lane.executor.submit(BatchJob(target, requests, policy.padded_size(size),
-                                              target.models[lane.device], finished))
-                job = await finished
+                job = await self._warm_batch(lane, BatchJob(target, [request] * size, padded,
+                                                            target.models[lane.device]))
                 took[size] = max(took.get(size, 0.0), loop.time() - started)
                 error = job.batch_error or next((error for error in job.errors if error is not None), None)
-                if error is not None:  # a batch that only ran once bisected failed at this size all the same
+                if job.oom_size:  # like a live batch: remember the limit, go on with the sizes below it
+                    target.queue.memory_cap = max(1, job.oom_size // 2)
+                    log.warning("workload %r: out of memory at batch size %d during warm-up; batches are now at "
+                                "most %d", workload, job.oom_size, target.queue.memory_cap)
+                elif error is not None:  # a batch that only ran once bisected failed at this size all the same
                     raise RequestFailed(f"workload {workload!r}: the warm-up batch of {size} on {lane.device} "
                                         f"failed: {type(error).__name__}: {error}") from error
         return took
+
+    async def _warm_batch(self, lane: Lane, job: BatchJob) -> BatchJob:
+        """Run one warm-up batch on ``lane``, counted in flight so that a closing scheduler waits for it."""
+        self._check_accepting()
+        job.owner = self._loop.create_future()
+        lane.in_flight += 1
+        try:
+            lane.executor.submit(job)
+            return await job.owner
+        finally:
+            lane.in_flight -= 1
+            if lane.executor is not None:
+                self._pump(lane)  # traffic that queued behind the warm-up
+            if self._idle is not None and self._quiet():
+                self._idle.set()
 
     def _check_accepting(self) -> None:
         if not self._accepting:

@@ -119,16 +119,24 @@ class TextEncoder:
         return self._tokenize == self._tokenize_fast and self.truncate
 
     def defer(self, item: Any) -> Encoded:
-        """A text or pair checked (type, emptiness) but not tokenized: `complete` tokenizes it with its batch.
-        Its ``length`` until then: an estimate of four characters per token plus three special tokens, at most
-        ``max_length`` (what length buckets and token budgets see). Token ids are encoded at once."""
+        """A text or pair checked (type, emptiness) but not tokenized: `complete` tokenizes it with its batch,
+        and until then its ``length`` is `estimate`'s (what length buckets and token budgets see). Token ids are
+        encoded at once."""
         if isinstance(item, str):
             self._check_not_empty(item, None)
-            return Encoded(None, None, min(self.max_length, len(item) // 4 + 3), item)
+            return Encoded(None, None, self.estimate(item), item)
         if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(part, str) for part in item):
             self._check_not_empty(item[0], item[1])
-            return Encoded(None, None, min(self.max_length, (len(item[0]) + len(item[1])) // 4 + 3), tuple(item))
+            return Encoded(None, None, self.estimate(*item), tuple(item))
         return self.encode(item)
+
+    def estimate(self, *texts: str) -> int:
+        """A token count without tokenizing, at most ``max_length``: 4/3 of the whitespace-separated words of an
+        ASCII text (WordPiece and BPE split about one word in three), one token per character of any other (CJK
+        scripts have no spaces to count), plus three special tokens. It can miss either way (numbers and rare
+        words split further), so buckets and budgets are approximate for deferred texts."""
+        tokens = sum(len(text.split()) * 4 // 3 if text.isascii() else len(text) for text in texts)
+        return min(self.max_length, tokens + 3)
 
     def complete(self, items: list[Encoded]) -> None:
         """Tokenize every deferred text of a batch in one call, which the tokenizer spreads over its threads

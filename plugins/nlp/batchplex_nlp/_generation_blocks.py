@@ -9,8 +9,9 @@ while the engine lives). Each `step`:
 1. every running sequence about to write past its last block gets one more block; when none is free, the newest
    running sequence is *preempted*: its blocks are freed and it goes back to the front of the queue, its generated
    tokens appended to its prompt (recomputed when it is admitted again; tokens already reported stay reported);
-2. waiting sequences join while the active cap, the step's token budget and the free blocks allow (in order: one
-   that does not fit stops admission; the first one always fits the budget), and get their prompts' blocks;
+2. waiting sequences join while the active cap, the step's token budget (counting the prefill's padding: rows x
+   the longest prompt) and the free blocks allow (in order: one that does not fit stops admission; the first one
+   always fits the budget), and get their prompts' blocks;
 3. one padded forward prefills the joining sequences (left-padded, so the last column is every prompt's last
    token) and gives each its first token;
 4. one decode forward gives every sequence that was already running its next token; on CUDA it replays a CUDA
@@ -77,6 +78,10 @@ class BlockEngine:
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
         config = model.config.get_text_config()
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and max_length > window:
+            raise ValueError(f"the model attends within a sliding window of {window} tokens, which batchplex's step "
+                             f"loop does not mask; lower max_length to {window} or use engine='transformers'")
         self.max_blocks = math.ceil(max_length / block_size)  # of one sequence
         if num_blocks is None:
             num_blocks = (int(torch.cuda.mem_get_info(device)[0] * max_memory_percent)
@@ -198,20 +203,23 @@ class BlockEngine:
                  sequence.request_id, len(sequence.generated))
 
     def _admit(self) -> list[_Sequence]:
+        """Waiting sequences that join this step. The prefill is one left-padded forward, so the budget counts what
+        it runs: rows x the longest prompt, next to one token per running sequence."""
         joining: list[_Sequence] = []
-        budget = self.max_batch_tokens - len(self._running)
+        room = self.max_batch_tokens - len(self._running)
+        width = 0
         while self._waiting and len(self._running) + len(joining) < self.max_active:
             sequence = self._waiting[0]
             tokens = len(sequence.prompt) + len(sequence.generated)
-            if joining and tokens > budget:  # the first always goes: a preempted prompt may have outgrown it
-                break
+            if joining and (len(joining) + 1) * max(width, tokens) > room:  # the first always goes: a preempted
+                break                                                          # prompt may have outgrown it
             row = self._tables.open()
             if not self._tables.grow(row, sequence.blocks, math.ceil(tokens / self.block_size)):
                 self._tables.close(row, sequence.blocks)
                 break
             sequence.row = row
             joining.append(self._waiting.popleft())
-            budget -= tokens
+            width = max(width, tokens)
         self._running += joining
         return joining
 

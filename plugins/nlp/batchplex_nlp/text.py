@@ -61,10 +61,11 @@ class TextAdapter(Adapter[Encoded]):
     * ``tokenize``: ``"submit"`` (default: each text is tokenized when it is submitted, on the caller's thread, so
       its exact token count is its cost) or ``"collate"`` (each batch's texts are tokenized together on the
       collate thread: one ``encode_batch`` call spread over the tokenizer's threads without the GIL, instead of one
-      call per request on the event loop; a text's cost is then an estimate, four characters per token, so length
-      buckets and token budgets are approximate). ``"collate"`` needs a fast tokenizer and
+      call per request on the event loop; a text's cost is then an estimate from its words, at most
+      ``max_length``, so length buckets and token budgets are approximate: let the last bucket edge reach
+      ``max_length``, or an estimate above it is refused at submit). ``"collate"`` needs a fast tokenizer and
       ``overflow="truncate"`` (a text is not tokenized before it is accepted, so it cannot be refused for its
-      length). Token ids are checked at submit either way.
+      real length). Token ids are checked at submit either way.
     * ``allow_empty``: accept empty or whitespace-only texts (default False: they are refused at submit with
       ``rule="non-empty text"``; a text that tokenizes to nothing but special tokens is otherwise a valid
       request). A request with no token at all is always refused.

@@ -200,3 +200,34 @@ def test_cuda_graph_replay_equals_eager_decoding(kind):
     assert graphs._graphs is not None and len(graphs._graphs) > 0  # captured, and none failed
     eager = run(engine(model, max_active=8, cuda_graphs=False))
     assert replayed == eager == {name: alone(model, PROMPTS[name], NEW_TOKENS[name]) for name in eager}
+
+
+def test_a_prefill_stays_within_the_token_budget_padding_included():
+    model = llama()
+    config = GenerationConfig(do_sample=False)
+    blocks = BlockEngine(model, config, max_active=16, max_batch_tokens=64, max_length=64, num_blocks=64,
+                         block_size=BLOCK, max_memory_percent=0.5, per_request_sampling=False, seed=0)
+    prefills: list[tuple[int, int]] = []
+    original = blocks._prefill
+
+    def recording(joining):
+        prefills.append((len(joining), max(len(s.prompt) + len(s.generated) for s in joining)))
+        return original(joining)
+
+    blocks._prefill = recording
+    blocks.add("long", list(range(100, 140)), 2, None, {})  # 40 tokens, then short prompts that would pad to 40
+    for index in range(8):
+        blocks.add(f"short{index}", [5, 6], 2, None, {})
+    while blocks._running or blocks._waiting:
+        blocks.step()
+    assert prefills[0] == (1, 40), "the long prompt goes alone: a second row would pad to 80 tokens"
+    assert all(rows * width <= 64 for rows, width in prefills[1:])
+    assert sum(rows for rows, _ in prefills) == 9
+
+
+def test_a_model_with_a_sliding_window_shorter_than_max_length_is_refused():
+    model = llama()
+    model.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding window of 32 tokens"):
+        engine(model, max_length=64)
+    assert engine(model, max_length=32).max_blocks == 4

@@ -98,8 +98,10 @@ def test_texts_tokenized_per_batch_equal_each_text_alone(tokenizer, tiny, device
 def test_texts_left_to_their_batch_are_checked_at_submit_and_estimated(tokenizer, tiny):
     adapter = TextAdapter(tokenizer, tokenize="collate", max_length=64)
     deferred = adapter.prepare("one two three four " * 5)
-    assert deferred.ids is None and adapter.cost(deferred) == len("one two three four " * 5) // 4 + 3
+    assert deferred.ids is None and adapter.cost(deferred) == 20 * 4 // 3 + 3  # 20 words
     assert adapter.cost(adapter.prepare("word " * 500)) == 64  # an estimate never above max_length
+    assert adapter.cost(adapter.prepare(" " * 2000 + "x")) == 4  # words, not characters
+    assert adapter.cost(adapter.prepare("批处理请求")) == 5 + 3  # one token per character without spaces
     with pytest.raises(InvalidRequestError, match="empty"):
         adapter.prepare("   ")
     with pytest.raises(InvalidRequestError, match="vocabulary"):
