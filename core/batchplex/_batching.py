@@ -31,8 +31,7 @@ _sequence = itertools.count()
 class Request:
     """One accepted request: the prepared item, its cost and timing, and the future its caller awaits."""
 
-    __slots__ = ("item", "cost", "arrival", "deadline", "priority", "waiter", "state", "bucket", "seq",
-                 "__weakref__")
+    __slots__ = ("item", "cost", "arrival", "deadline", "priority", "waiter", "state", "bucket", "__weakref__")
 
     def __init__(self, item: Any, cost: int, arrival: float, deadline: float | None, priority: int,
                  waiter: Any) -> None:
@@ -44,10 +43,9 @@ class Request:
         self.waiter = waiter
         self.state = QUEUED
         self.bucket = 0
-        self.seq = next(_sequence)
 
     def __repr__(self) -> str:
-        return f"<Request #{self.seq} cost={self.cost} priority={self.priority} state={self.state}>"
+        return f"<Request cost={self.cost} priority={self.priority} state={self.state}>"
 
 
 def _queued(request: Request | None) -> bool:
@@ -82,7 +80,8 @@ class RequestQueue:
         self.max_wait_s = policy.max_wait_s
         self.deadline_margin_s = 0.0  # expected run time of a batch: leave early enough to meet deadlines
         self._buckets = [_Bucket(policy.priority_levels) for _ in range(policy.bucket_count)]
-        # (deadline, seq, weak reference): a finished request is not kept alive by the heap until it surfaces
+        # (deadline, arrival order, weak reference): a finished request is not kept alive by the heap until it
+        # surfaces
         self._deadlines: list[tuple[float, int, weakref.ref]] = []
         self.depth = 0
         self.cancelled_seen = 0
@@ -144,7 +143,7 @@ class RequestQueue:
                 f"requests waiting); retry later or raise BatchPolicy.max_queue")
 
     def _watch_deadline(self, request: Request) -> None:
-        heapq.heappush(self._deadlines, (request.deadline, request.seq, weakref.ref(request)))
+        heapq.heappush(self._deadlines, (request.deadline, next(_sequence), weakref.ref(request)))
         if len(self._deadlines) > 2 * self.depth + 64:  # drop entries of finished requests (amortized)
             self._deadlines = [entry for entry in self._deadlines if _queued(entry[2]())]
             heapq.heapify(self._deadlines)

@@ -39,6 +39,7 @@ class Workload:
                  weight: float) -> None:
         self.name = name
         self.adapter = adapter
+        self.unit_cost = type(adapter).cost is Adapter.cost  # every request costs 1: submit skips the call
         self.models = models
         self.policy = policy
         self.weight = weight

@@ -21,6 +21,8 @@ from .workloads import ExampleWorkload
 
 __all__ = ["TensorAdapter"]
 
+_STRIDED = torch.strided  # read per request: a module global, not two attribute lookups
+
 
 class TensorAdapter(Adapter[torch.Tensor]):
     """Same-shape tensors stacked into one batch tensor.
@@ -48,7 +50,7 @@ class TensorAdapter(Adapter[torch.Tensor]):
                 raise InvalidRequestError(f"a tensor request must be a tensor or array-like, got "
                                           f"{type(item).__name__} ({exc})", rule="tensor-like", value=type(item))
         # is_meta, not device.type: reading .device builds a device object, ~7x the cost of the flag
-        if item.layout != torch.strided or item.is_nested or item.is_meta:
+        if item.layout is not _STRIDED or item.is_nested or item.is_meta:
             raise InvalidRequestError(f"a tensor request must be a dense tensor with data, got layout "
                                       f"{item.layout}{' (nested)' if item.is_nested else ''} on {item.device}",
                                       rule="dense tensor", value=str(item.layout))
@@ -60,7 +62,7 @@ class TensorAdapter(Adapter[torch.Tensor]):
                                       f"{self.shape}", rule="same shape", value=tuple(shape))
         if self.dtype is None:
             self.dtype = item.dtype
-        if item.dtype != self.dtype:
+        if item.dtype is not self.dtype:  # dtypes are singletons
             raise InvalidRequestError(f"request dtype {item.dtype} differs from the workload's dtype {self.dtype}",
                                       rule="same dtype", value=item.dtype)
         if not self.allow_nonfinite and item.is_floating_point() and not _all_finite(item):

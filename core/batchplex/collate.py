@@ -62,7 +62,7 @@ def split_rows(output: Any, n: int) -> list[Any]:
     One ``unbind`` per tensor; the rows are views of the batch output (no per-row copy).
     """
     if isinstance(output, torch.Tensor):
-        return list(output[:n].unbind(0))
+        return list((output if len(output) == n else output[:n]).unbind(0))
     if isinstance(output, Mapping):
         columns = {key: split_rows(value, n) for key, value in output.items()}
         return [{key: column[i] for key, column in columns.items()} for i in range(n)]

@@ -399,27 +399,26 @@ class Scheduler:
                 timeout: float | None, params: dict, waiter: Any) -> Request:
         """Validate and prepare one request (caller's thread); bad input raises here, for this caller only."""
         policy = workload.policy
-        stats = workload.stats
         if not (type(priority) is int and 0 <= priority < policy.priority_levels):
-            stats.rejected_invalid += 1
+            workload.stats.rejected_invalid += 1
             raise InvalidRequestError(f"priority must be an int from 0 to {policy.priority_levels - 1} "
                                       f"(BatchPolicy.priority_levels={policy.priority_levels})",
                                       workload=workload.name, rule="priority level", value=priority)
-        try:
-            prepared = workload.adapter.prepare(item, **params)
-            cost = workload.adapter.cost(prepared)
+        try:  # without parameters, no empty keyword dict is built per request
+            prepared = workload.adapter.prepare(item, **params) if params else workload.adapter.prepare(item)
+            cost = 1 if workload.unit_cost else workload.adapter.cost(prepared)
         except InvalidRequestError as error:
-            stats.rejected_invalid += 1
+            workload.stats.rejected_invalid += 1
             if error.workload is None:
                 error.workload = workload.name
             raise
         except Exception as error:  # an adapter that did not foresee this input: still this caller's error
-            stats.rejected_invalid += 1
+            workload.stats.rejected_invalid += 1
             raise InvalidRequestError(f"adapter {workload.adapter.name!r} could not prepare this request: "
                                       f"{type(error).__name__}: {error}", workload=workload.name,
                                       rule="adapter.prepare", value=type(item).__name__) from error
         if cost > policy.max_cost:
-            stats.rejected_invalid += 1
+            workload.stats.rejected_invalid += 1
             rule = "last bucket edge" if policy.bucket_edges else "max_batch_cost"
             raise RequestTooLargeError(f"request cost {cost} exceeds the {rule} ({policy.max_cost}); truncate it "
                                        f"(adapter option) or raise the policy's limit", workload=workload.name,
@@ -427,12 +426,13 @@ class Scheduler:
         now = loop.time()
         if timeout is None:
             timeout = policy.default_timeout_s
+            if timeout is None:
+                return Request(prepared, cost, now, None, priority, waiter)
         elif not (isinstance(timeout, (int, float)) and timeout > 0):
-            stats.rejected_invalid += 1
+            workload.stats.rejected_invalid += 1
             raise InvalidRequestError("timeout must be a number of seconds > 0", workload=workload.name,
                                       rule="timeout > 0", value=timeout)
-        deadline = now + timeout if timeout is not None else None
-        return Request(prepared, cost, now, deadline, priority, waiter)
+        return Request(prepared, cost, now, now + timeout, priority, waiter)
 
     def _take_handed_over(self, workload: Workload, request: Request) -> None:
         """Queue a request another thread handed over before ``close()`` flipped the gate (loop thread).
