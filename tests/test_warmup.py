@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from batchplex import (
     BatchPolicy,
     InvalidRequestError,

@@ -59,8 +59,9 @@ class Scheduler:
     ``plugins`` are registered at run time next to the installed ones; ``autoload=False`` loads no installed
     plugin. ``pipeline_depth`` is how many batches per device may be in its executor at once; by default one per
     executor stage, so every stage has work: 3 on CUDA (batch k+2 collates while k+1 runs and k's results come
-    back; with 2, MiniLM-L6 replayed as a CUDA graph made 39k sequences/s on an H200, with 3, 47k), 2 on the CPU. ``freeze_gc`` (default on) freezes the process's objects while the scheduler
-    runs, so that full garbage collections do not stall every thread mid-batch (see ``batchplex._gc_freeze``).
+    back; with 2, MiniLM-L6 replayed as a CUDA graph made 39k sequences/s on an H200, with 3, 47k), 2 on the CPU.
+    ``freeze_gc`` (default on) freezes the process's objects while the scheduler runs, so that full garbage
+    collections do not stall every thread mid-batch (see ``batchplex._gc_freeze``).
     """
 
     def __init__(self, plugins: Iterable[object] = (), *, autoload: bool = True, pipeline_depth: int | None = None,

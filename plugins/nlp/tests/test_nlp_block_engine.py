@@ -13,7 +13,13 @@ import torch
 from batchplex.continuous import ContinuousPolicy
 from batchplex_nlp._generation_blocks import BlockEngine, sample
 from batchplex_nlp.generation import GenerationAdapter
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 VOCAB = 512
 BLOCK = 8
