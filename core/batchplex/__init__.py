@@ -5,7 +5,7 @@ priorities, deadlines, back-pressure) and finds workload adapters through pluggy
 ``batchplex``).
 """
 
-from ._graphs import GraphedModel
+from ._graphs import GraphedModel, capture_graph
 from .adapter import Adapter
 from .continuous import ContinuousPolicy, ContinuousWorkload, StepAdapter, StepOutput, StepRecord, TokenStreamer
 from .errors import (BatchplexError, ContractError, DeadlineExceeded, DuplicateAdapterError, InvalidRequestError,
@@ -19,7 +19,7 @@ from .scheduler import Scheduler
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "BatchPolicy", "BatchRecord", "GraphedModel", "Scheduler", "hookimpl",
+    "Adapter", "BatchPolicy", "BatchRecord", "GraphedModel", "Scheduler", "capture_graph", "hookimpl",
     "ContinuousPolicy", "ContinuousWorkload", "StepAdapter", "StepOutput", "StepRecord", "TokenStreamer",
     "BatchplexError", "ContractError", "DeadlineExceeded", "DuplicateAdapterError", "InvalidRequestError",
     "PluginError", "PolicyError", "QueueFullError", "RequestFailed", "RequestTooLargeError", "SchedulerClosed",

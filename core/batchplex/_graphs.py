@@ -22,7 +22,7 @@ import torch
 
 from .collate import map_tensors, opaque_leaves
 
-__all__ = ["GraphedModel"]
+__all__ = ["GraphedModel", "capture_graph"]
 
 log = logging.getLogger("batchplex")
 
@@ -75,36 +75,51 @@ class GraphedModel:
         return map_tensors(torch.Tensor.clone, static_output)
 
     def _capture(self, signature: tuple, inputs: Any) -> tuple | None:
-        stream = torch.cuda.current_stream(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
             static_inputs = map_tensors(torch.Tensor.clone, inputs)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(stream)
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.model(static_inputs)
-            stream.wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                static_output = self.model(static_inputs)
-            stream.wait_stream(side)
+            graph, static_output = capture_graph(lambda: self.model(static_inputs), self.device, pool=self._pool,
+                                                 warmup=self.warmup)
         except Exception as error:  # any capture failure: run eagerly from now on, say why once
             self.disabled_reason = f"{type(error).__name__}: {error}"
             log.warning("workload %r: CUDA graph capture failed, running eagerly (%s)", self.name,
                         self.disabled_reason)
-            torch.cuda.synchronize(self.device)
-            try:
-                _end_random_capture(self.device)
-            except Exception as repair_error:  # the model still runs eagerly; random ops may fail, say so
-                log.warning("workload %r: could not clear the CUDA random generator's capture mark after the failed "
-                            "capture (%s: %s); random operations on %s may fail", self.name,
-                            type(repair_error).__name__, repair_error, self.device)
             return None
         self._graphs[signature] = (graph, static_inputs, static_output)
         log.info("workload %r: captured a CUDA graph for input signature %s", self.name, signature)
         return graph, static_inputs, static_output
+
+
+def capture_graph(run: Callable[[], Any], device: torch.device, *, pool: Any = None,
+                  warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture ``run()`` as a CUDA graph on ``device``; the graph and the output it replays into.
+
+    ``warmup`` eager runs on a side stream come first (lazy initialisations, cuBLAS workspaces and the like, must
+    not happen under capture). When capture fails, the CUDA random generator's capture mark is cleared before the
+    error is raised (`_end_random_capture`), so random ops elsewhere in the process keep working.
+    """
+    stream = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    try:
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            output = run()
+        stream.wait_stream(side)
+    except Exception:
+        torch.cuda.synchronize(device)
+        try:
+            _end_random_capture(device)
+        except Exception as repair_error:  # the caller runs eagerly; random ops may fail, say so
+            log.warning("could not clear the CUDA random generator's capture mark after a failed capture (%s: %s); "
+                        "random operations on %s may fail", type(repair_error).__name__, repair_error, device)
+        raise
+    return graph, output
 
 
 def _end_random_capture(device: torch.device) -> None:

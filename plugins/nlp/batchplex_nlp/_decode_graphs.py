@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from batchplex import capture_graph
 
 __all__ = ["DecodeGraphs"]
 
@@ -25,6 +26,7 @@ class DecodeGraphs:
 
     def __init__(self, forward: Forward, max_batch: int, padding: tuple[int, int, int], device: torch.device) -> None:
         self._forward = forward
+        self._device = device
         self._padding = torch.tensor(padding, device=device)[:, None]
         self._meta = torch.zeros(3, max_batch, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -37,18 +39,8 @@ class DecodeGraphs:
         meta = self._meta[:, :batch]
         meta.copy_(self._padding.expand(-1, batch))
 
-        def run() -> torch.Tensor:
-            return self._forward(meta[0, :, None], meta[1, :, None], meta[2], length)
-
-        side = torch.cuda.Stream()  # lazy initialisations happen in an eager run, not under capture
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = run()
-        self._graphs[batch, length] = graph, logits
+        self._graphs[batch, length] = capture_graph(
+            lambda: self._forward(meta[0, :, None], meta[1, :, None], meta[2], length), self._device, pool=self._pool)
 
     def replay(self, meta: torch.Tensor, length: int) -> torch.Tensor:
         """The logits of the batch ``meta`` (``[3, batch]`` ids, positions, rows, on the host) over ``length``

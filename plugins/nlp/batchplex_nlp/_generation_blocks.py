@@ -148,8 +148,8 @@ class BlockEngine:
             sampling: dict[str, Any]) -> None:
         unknown = set(sampling) - self.per_request_keys
         if unknown:
-            raise ValueError(f"sampling parameters {sorted(unknown)} cannot be set per request; these can: "
-                             f"{sorted(self.per_request_keys)}")
+            raise ValueError(f"request {request_id}: sampling parameters {sorted(unknown)} cannot be set per "
+                             f"request; these can: {sorted(self.per_request_keys)}")
         settings = tuple(sampling.get(key, default) for key, default in zip(_SAMPLING, self._sampling or ()))
         eos = None if eos_token_id is None else frozenset(
             [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)

@@ -100,6 +100,7 @@ class TextAdapter(Adapter[Encoded]):
         self.output = output
         self.copy_output_to_host = not results_on_device
         self.position_ids = self.left if position_ids is None else position_ids
+        self.tokenize_at_collate = tokenize == "collate"
         self.tokenizer = tokenizer
         if tokenizer is None:  # the registered prototype; configure() insists on a tokenizer
             self.max_length = max_length or _DEFAULT_MAX_LENGTH
@@ -115,10 +116,10 @@ class TextAdapter(Adapter[Encoded]):
         self.pad_id = next((token_id for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                             if token_id is not None), 0)
         self._encoder = TextEncoder(tokenizer, max_length, overflow == "truncate", allow_empty)
-        if tokenize == "collate" and not self._encoder.can_defer:
+        if self.tokenize_at_collate and not self._encoder.can_defer:
             raise ValueError(f"text adapter: tokenize='collate' needs a fast tokenizer and overflow='truncate'; "
                              f"got {type(tokenizer).__name__} with overflow={overflow!r}")
-        self._prepare = self._encoder.defer if tokenize == "collate" else self._encoder.encode
+        self._prepare = self._encoder.defer if self.tokenize_at_collate else self._encoder.encode
 
     def configure(self, **options: Any) -> TextAdapter:
         if options.get("tokenizer") is None:
@@ -152,7 +153,8 @@ class TextAdapter(Adapter[Encoded]):
     def collate(self, items: Sequence[Encoded], device: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` (1 on real tokens), ``token_type_ids`` where the tokenizer makes
         them and ``position_ids`` with left padding: int64 tensors of shape (batch_size, padded length)."""
-        self._encoder.complete(items)
+        if self.tokenize_at_collate:  # no pass over the batch when every request was tokenized at submit
+            self._encoder.complete(items)
         length = self._padded_length(max(item.length for item in items))
         return pad_batch(items, rows=batch_size, length=length, pad_id=self.pad_id, left=self.left,
                          type_ids=self._encoder.makes_type_ids, position_ids=self.position_ids, device=device)
