@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._graphs import GraphedModel
 from .adapter import check_split
 from .collate import copy_to_pinned_host, map_tensors
 from .errors import BatchplexError, ContractError, RequestFailed
@@ -193,8 +194,11 @@ class DeviceExecutor:
         job.errors = [error] * len(job.requests)
 
     def _forward(self, model: Callable, adapter: Any, inputs: Any, items: list) -> Any:
-        """Run the model and the adapter's on-device postprocessing; start the copy to pinned host memory."""
-        output = adapter.postprocess(model(inputs), inputs, items)
+        """Run the model and the adapter's on-device postprocessing (unless a graphed model runs it); start the
+        copy to pinned host memory."""
+        output = model(inputs)
+        if not (type(model) is GraphedModel and model.postprocess is not None):
+            output = adapter.postprocess(output, inputs, items)
         if adapter.copy_output_to_host and self.cuda:
             output = map_tensors(copy_to_pinned_host, output)
         return output

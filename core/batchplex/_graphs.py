@@ -8,6 +8,12 @@ Each distinct input signature (shapes and dtypes of every input tensor) gets one
 later signatures run eagerly. A model that cannot be captured (host syncs, data-dependent control flow, CPU
 tensors) runs eagerly from then on, and the reason is logged once.
 
+A workload's adapter can have its ``postprocess`` captured in the same graph (`Adapter.graph_postprocess`): under
+load every host-side op of the executor's run stage waits for the GIL, which the event loop holds most of the
+time, so folding masked mean pooling's seven ops into the replay shortens the run stage, the pipeline's slowest.
+For the same reason the replayed output is handed out as is when the executor copies it to host memory right away
+on the same stream (``clone_output=False``): the copy is ordered before the next replay overwrites it.
+
 Capture runs with ``capture_error_mode="thread_local"``: the executor's other threads keep copying and waiting on
 events while one workload captures, and the default global mode would turn their calls into capture errors.
 """
@@ -34,11 +40,19 @@ def _signature(inputs: Any) -> tuple:
 
 
 class GraphedModel:
-    """Wraps ``model`` for one CUDA device: replays a captured graph per input signature, eager otherwise."""
+    """Wraps ``model`` for one CUDA device: replays a captured graph per input signature, eager otherwise.
+
+    ``postprocess(output, inputs)``, when given, runs after the model, in the graph or eagerly alike.
+    ``clone_output=False`` returns the graph's own output buffers, which the next replay overwrites: only for a
+    caller that consumes them on the current stream before it replays again.
+    """
 
     def __init__(self, model: Callable[[Any], Any], device: torch.device, name: str = "", max_graphs: int = 8,
-                 warmup: int = 3) -> None:
+                 warmup: int = 3, postprocess: Callable[[Any, Any], Any] | None = None,
+                 clone_output: bool = True) -> None:
         self.model = model
+        self.postprocess = postprocess
+        self.clone_output = clone_output
         self.device = device
         self.name = name
         self.max_graphs = max_graphs
@@ -53,7 +67,7 @@ class GraphedModel:
 
     def __call__(self, inputs: Any) -> Any:
         if self.disabled_reason is not None:
-            return self.model(inputs)
+            return self._eager(inputs)
         signature = _signature(inputs)
         entry = self._graphs.get(signature)
         if entry is None and (not signature or opaque_leaves(inputs)):
@@ -61,25 +75,29 @@ class GraphedModel:
                                     f"({', '.join(sorted({type(x).__name__ for x in opaque_leaves(inputs)}))})"
                                     if signature else "the inputs hold no tensors")
             log.warning("workload %r: CUDA graphs off, running eagerly (%s)", self.name, self.disabled_reason)
-            return self.model(inputs)
+            return self._eager(inputs)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
-                return self.model(inputs)
+                return self._eager(inputs)
             entry = self._capture(signature, inputs)
             if entry is None:
-                return self.model(inputs)
+                return self._eager(inputs)
         graph, static_inputs, static_output = entry
         _copy_into(static_inputs, inputs)
         graph.replay()
-        # the next replay overwrites static_output: hand out a copy, ordered on the same stream
-        return map_tensors(torch.Tensor.clone, static_output)
+        # the next replay overwrites static_output: hand out a copy, ordered on the same stream, unless told not to
+        return map_tensors(torch.Tensor.clone, static_output) if self.clone_output else static_output
+
+    def _eager(self, inputs: Any) -> Any:
+        output = self.model(inputs)
+        return output if self.postprocess is None else self.postprocess(output, inputs)
 
     def _capture(self, signature: tuple, inputs: Any) -> tuple | None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             static_inputs = map_tensors(torch.Tensor.clone, inputs)
-            graph, static_output = capture_graph(lambda: self.model(static_inputs), self.device, pool=self._pool,
+            graph, static_output = capture_graph(lambda: self._eager(static_inputs), self.device, pool=self._pool,
                                                  warmup=self.warmup)
         except Exception as error:  # any capture failure: run eagerly from now on, say why once
             self.disabled_reason = f"{type(error).__name__}: {error}"

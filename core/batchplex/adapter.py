@@ -38,6 +38,9 @@ class Adapter(Generic[Prepared]):
     name: ClassVar[str] = ""
     #: Copy the model's output to host memory before ``split`` (False keeps results on the device).
     copy_output_to_host: bool = True
+    #: ``postprocess`` reads only the output and the inputs (never ``items``) and launches only device work of
+    #: fixed shapes: with ``cuda_graphs`` it is captured in the model's graph (called with ``items=()``).
+    graph_postprocess: bool = False
 
     def configure(self, **options: Any) -> Adapter[Prepared]:
         """A fresh instance for one workload, built with ``options`` (the ``adapter_options`` of `add_workload`)."""

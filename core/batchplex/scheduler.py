@@ -125,7 +125,7 @@ class Scheduler:
         models = replicas_of(name, model, devices)
         if cuda_graphs:
             for dev in devices:
-                models[dev] = GraphedModel(models[dev], dev, name)
+                models[dev] = _graphed(models[dev], dev, name, adapter)
                 if models[dev].disabled_reason:
                     log.warning("workload %r: cuda_graphs ignored on %s (%s)", name, dev,
                                 models[dev].disabled_reason)
@@ -617,6 +617,14 @@ class Scheduler:
     @property
     def workloads(self) -> dict[str, Workload]:
         return dict(self._workloads)
+
+
+def _graphed(model: Callable, device: torch.device, name: str, adapter: Adapter) -> GraphedModel:
+    """The workload's model graphed for ``device``, with the adapter's postprocess in the graph where it may be,
+    and without a copy of the output where the executor copies it to host memory at once."""
+    postprocess = (lambda output, inputs: adapter.postprocess(output, inputs, ())) if adapter.graph_postprocess \
+        else None
+    return GraphedModel(model, device, name, postprocess=postprocess, clone_output=not adapter.copy_output_to_host)
 
 
 def _finish_warmup(finished: asyncio.Future, job: BatchJob) -> None:

@@ -79,6 +79,7 @@ class TextAdapter(Adapter[Encoded]):
     """
 
     name = "text"
+    graph_postprocess = True  # pooling reads only the output and the attention mask
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, *, max_length: int | None = None,
                  overflow: str = "truncate", padding_side: str = "right", pad_to_multiple_of: int = 8,

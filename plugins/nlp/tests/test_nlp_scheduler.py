@@ -67,6 +67,18 @@ def test_left_and_right_padding_give_the_same_results(tokenizer, tiny, device, o
         assert_same_result(left[index].cpu(), expected, rtol=RTOL, atol=ATOL, where=f"left {index}")
 
 
+@pytest.mark.parametrize("output", ["mean_pooling", "cls", "hidden_states"])
+def test_cuda_graphs_with_the_pooling_in_the_graph_give_the_eager_results(tokenizer, tiny, device, output, texts,
+                                                                         run):
+    policy = BatchPolicy(max_batch_size=8, max_wait_ms=50, preferred_batch_sizes=(8,))
+    options = {"tokenizer": tokenizer, "output": output, "max_length": 64}
+    eager, _ = run(texts * 3, tiny, options, device=device, policy=policy)
+    graphed, stats = run(texts * 3, tiny, options, device=device, policy=policy, cuda_graphs=True)
+    assert stats["completed"] == len(texts) * 3
+    for index, (got, expected) in enumerate(zip(graphed, eager)):
+        assert_same_result(got.cpu(), expected.cpu(), rtol=RTOL, atol=ATOL, where=f"request {index}")
+
+
 def test_pairs_carry_token_type_ids(tokenizer, tiny, device, texts, run):
     pairs = [("What batches requests?", "batchplex does, by length."), ("Short?", "Yes. " * 30),
              ("A much longer question about padding and masks " * 3, "no")]
