@@ -8,6 +8,7 @@ import torch
 
 from batchplex import BatchPolicy, Scheduler
 from batchplex._graphs import GraphedModel
+from batchplex.builtin_adapters import TensorAdapter
 
 
 def model():
@@ -64,30 +65,25 @@ def test_inputs_a_graph_cannot_refill_turn_graphs_off_with_a_reason(caplog):
     assert "Opaque" in graphed.disabled_reason and "CUDA graphs off" in caplog.text
 
 
-class _AffineAfter:
+class _AffineAfter(TensorAdapter):
     """A tensor adapter whose postprocess (output * 2 + 1) may be captured in the graph; it counts its Python calls."""
 
+    graph_postprocess = True
+
     def __init__(self):
-        from batchplex.builtin_adapters import TensorAdapter
-
-        counter = self
-
-        class Adapter(TensorAdapter):
-            graph_postprocess = True
-
-            def postprocess(self, output, inputs, items):
-                counter.calls += 1
-                return output * 2 + 1
-
+        super().__init__()
         self.calls = 0
-        self.adapter = Adapter()
+
+    def postprocess(self, output, inputs, items):
+        self.calls += 1
+        return output * 2 + 1
 
 
 async def test_a_graphable_postprocess_runs_once_per_batch_in_the_graph_or_eagerly(device):
     net = model().to(device)
     affine = _AffineAfter()
     async with Scheduler(autoload=False) as scheduler:
-        scheduler.add_workload("g", adapter=affine.adapter, model=net, device=device, cuda_graphs=True,
+        scheduler.add_workload("g", adapter=affine, model=net, device=device, cuda_graphs=True,
                                policy=BatchPolicy(max_batch_size=8, max_wait_ms=2, preferred_batch_sizes=(8,)))
         xs = [torch.randn(8) for _ in range(8 * 12)]
         ys = await asyncio.gather(*(scheduler.submit("g", x) for x in xs))
