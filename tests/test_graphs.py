@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from batchplex import BatchPolicy, Scheduler
+from batchplex import BatchPolicy, RequestFailed, Scheduler
 from batchplex._graphs import GraphedModel
 from batchplex.builtin_adapters import TensorAdapter
 
@@ -113,3 +113,58 @@ async def test_replayed_outputs_handed_out_without_a_copy_stay_each_batchs_own()
     with torch.inference_mode():
         expected = net(torch.stack(xs).cuda()).cpu()
     torch.testing.assert_close(torch.stack(ys).cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+class _PoisonAtCollate(_AffineAfter):
+    """Fails a batch at collate when it holds a request of value -1: the executor bisects it while other batches
+    keep replaying."""
+
+    def collate(self, items, device, batch_size):
+        if any(float(item[0]) == -1.0 for item in items):
+            raise ValueError("poisoned request")
+        return super().collate(items, device, batch_size)
+
+
+async def test_bisecting_a_failed_batch_beside_replays_keeps_every_result_its_own(device):
+    net = model().to(device)
+    adapter = _PoisonAtCollate()
+    async with Scheduler(autoload=False, pipeline_depth=3) as scheduler:
+        workload = scheduler.add_workload("g", adapter=adapter, model=net, device=device, cuda_graphs=True,
+                                          policy=BatchPolicy(max_batch_size=8, max_wait_ms=1,
+                                                             preferred_batch_sizes=(8,)))
+        xs = [torch.full((8,), -1.0 if i % 37 == 5 else float(i)) for i in range(8 * 40)]
+        ys = await asyncio.gather(*(scheduler.submit("g", x) for x in xs), return_exceptions=True)
+    with torch.inference_mode():
+        expected = net(torch.stack(xs).to(device)).cpu() * 2 + 1
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if float(x[0]) == -1.0:
+            assert isinstance(y, RequestFailed) and "poisoned" in str(y), f"request {i}: {y!r}"
+        else:
+            torch.testing.assert_close(y.cpu(), expected[i], rtol=1e-4, atol=1e-5, msg=f"request {i}")
+    if device.type == "cuda":
+        (graphed,) = workload.models.values()
+        assert graphed.disabled_reason is None and graphed.captured_signatures
+
+
+class _FailsOnce(_AffineAfter):
+    def postprocess(self, output, inputs, items):
+        if self.calls == 0:
+            self.calls += 1
+            raise RuntimeError("a transient postprocess error")
+        return super().postprocess(output, inputs, items)
+
+
+async def test_a_postprocess_error_fails_its_batch_not_the_graphs(device):
+    net = model().to(device)
+    async with Scheduler(autoload=False) as scheduler:
+        workload = scheduler.add_workload("g", adapter=_FailsOnce(), model=net, device=device, cuda_graphs=True,
+                                          policy=BatchPolicy(max_batch_size=8, max_wait_ms=2,
+                                                             preferred_batch_sizes=(8,)))
+        xs = [torch.randn(8) for _ in range(8 * 6)]
+        ys = await asyncio.gather(*(scheduler.submit("g", x) for x in xs))  # the failed batch's halves pass
+    with torch.inference_mode():
+        expected = net(torch.stack(xs).to(device)).cpu() * 2 + 1
+    torch.testing.assert_close(torch.stack(ys).cpu(), expected, rtol=1e-4, atol=1e-5)
+    if device.type == "cuda":
+        (graphed,) = workload.models.values()
+        assert graphed.disabled_reason is None and graphed.captured_signatures

@@ -148,11 +148,11 @@ class DeviceExecutor:
                     job.started = torch.cuda.Event(enable_timing=True)
                     job.ended = torch.cuda.Event(enable_timing=True)
                     job.started.record(stream)
-                    job.output = self._forward(job.model, job.workload.adapter, job.inputs, job.items)
+                    job.output = self._forward(job.workload, job.model, job.inputs, job.items)
                     job.ended.record(stream)
             else:
                 started = time.perf_counter()
-                job.output = self._forward(job.model, job.workload.adapter, job.inputs, job.items)
+                job.output = self._forward(job.workload, job.model, job.inputs, job.items)
                 job.run_s = time.perf_counter() - started
         except Exception as error:
             job.error = error
@@ -193,13 +193,10 @@ class DeviceExecutor:
         job.results = [None] * len(job.requests)
         job.errors = [error] * len(job.requests)
 
-    def _forward(self, model: Callable, adapter: Any, inputs: Any, items: list) -> Any:
-        """Run the model and the adapter's on-device postprocessing (unless a graphed model runs it); start the
-        copy to pinned host memory."""
-        output = model(inputs)
-        if not (type(model) is GraphedModel and model.postprocess is not None):
-            output = adapter.postprocess(output, inputs, items)
-        if adapter.copy_output_to_host and self.cuda:
+    def _forward(self, workload: Any, model: Callable, inputs: Any, items: list) -> Any:
+        """Run the model and the adapter's on-device postprocessing; start the copy to pinned host memory."""
+        output = workload.forward(model, inputs, items)
+        if workload.adapter.copy_output_to_host and self.cuda:
             output = map_tensors(copy_to_pinned_host, output)
         return output
 
@@ -235,17 +232,21 @@ class DeviceExecutor:
         job.error = None
 
     def _run_alone(self, job: BatchJob, lo: int, hi: int) -> list[Any]:
-        """Collate, run and split ``requests[lo:hi]`` synchronously (used only while isolating a failure)."""
+        """Collate, run and split ``requests[lo:hi]`` synchronously (used only while isolating a failure).
+
+        This runs on the finish thread while the run thread goes on replaying: a graphed model runs eagerly here,
+        since two threads refilling and replaying one graph would swap each other's inputs and outputs."""
         workload = job.workload
         adapter = workload.adapter
+        model = job.model.eager if type(job.model) is GraphedModel else job.model
         items = job.items[lo:hi]
         padded = workload.policy.padded_size(len(items))
         if self.cuda:
             with torch.cuda.stream(self._compute_stream):
-                output = self._forward(job.model, adapter, adapter.collate(items, self.device, padded), items)
+                output = self._forward(workload, model, adapter.collate(items, self.device, padded), items)
             self._compute_stream.synchronize()
         else:
-            output = self._forward(job.model, adapter, adapter.collate(items, self.device, padded), items)
+            output = self._forward(workload, model, adapter.collate(items, self.device, padded), items)
         return list(check_split(adapter.name, adapter.split(output, items), len(items)))
 
 

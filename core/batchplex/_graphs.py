@@ -44,7 +44,8 @@ class GraphedModel:
 
     ``postprocess(output, inputs)``, when given, runs after the model, in the graph or eagerly alike.
     ``clone_output=False`` returns the graph's own output buffers, which the next replay overwrites: only for a
-    caller that consumes them on the current stream before it replays again.
+    caller that consumes them on the current stream before it replays again, from the one thread that replays.
+    A second thread (the executor's bisection of a failed batch) calls `eager` instead.
     """
 
     def __init__(self, model: Callable[[Any], Any], device: torch.device, name: str = "", max_graphs: int = 8,
@@ -67,7 +68,7 @@ class GraphedModel:
 
     def __call__(self, inputs: Any) -> Any:
         if self.disabled_reason is not None:
-            return self._eager(inputs)
+            return self.eager(inputs)
         signature = _signature(inputs)
         entry = self._graphs.get(signature)
         if entry is None and (not signature or opaque_leaves(inputs)):
@@ -75,29 +76,31 @@ class GraphedModel:
                                     f"({', '.join(sorted({type(x).__name__ for x in opaque_leaves(inputs)}))})"
                                     if signature else "the inputs hold no tensors")
             log.warning("workload %r: CUDA graphs off, running eagerly (%s)", self.name, self.disabled_reason)
-            return self._eager(inputs)
+            return self.eager(inputs)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
-                return self._eager(inputs)
+                return self.eager(inputs)
             entry = self._capture(signature, inputs)
             if entry is None:
-                return self._eager(inputs)
+                return self.eager(inputs)
         graph, static_inputs, static_output = entry
         _copy_into(static_inputs, inputs)
         graph.replay()
         # the next replay overwrites static_output: hand out a copy, ordered on the same stream, unless told not to
         return map_tensors(torch.Tensor.clone, static_output) if self.clone_output else static_output
 
-    def _eager(self, inputs: Any) -> Any:
+    def eager(self, inputs: Any) -> Any:
+        """The model and the postprocess without any graph: safe to run beside replays on another thread."""
         output = self.model(inputs)
         return output if self.postprocess is None else self.postprocess(output, inputs)
 
     def _capture(self, signature: tuple, inputs: Any) -> tuple | None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        static_inputs = map_tensors(torch.Tensor.clone, inputs)
+        self.eager(static_inputs)  # a model or postprocess error is this batch's (bisected), not the graph's
         try:
-            static_inputs = map_tensors(torch.Tensor.clone, inputs)
-            graph, static_output = capture_graph(lambda: self._eager(static_inputs), self.device, pool=self._pool,
+            graph, static_output = capture_graph(lambda: self.eager(static_inputs), self.device, pool=self._pool,
                                                  warmup=self.warmup)
         except Exception as error:  # any capture failure: run eagerly from now on, say why once
             self.disabled_reason = f"{type(error).__name__}: {error}"

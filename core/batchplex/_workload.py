@@ -8,6 +8,7 @@ import asyncio
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Workload:
         self.adapter = adapter
         self.unit_cost = type(adapter).cost is Adapter.cost  # every request costs 1: submit skips the call
         self.models = models
+        self.postprocess_in_model = False  # the models run the adapter's postprocess (captured in their graphs)
         self.policy = policy
         self.weight = weight
         self.queue = RequestQueue(policy, name)
@@ -50,6 +52,12 @@ class Workload:
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
         self.pump_soon = False
+
+    def forward(self, model: Callable, inputs: Any, items: Sequence[Any]) -> Any:
+        """One of this workload's models on a collated batch, then the adapter's postprocess unless the model ran
+        it already: the one rule for every caller that runs a batch."""
+        output = model(inputs)
+        return output if self.postprocess_in_model else self.adapter.postprocess(output, inputs, items)
 
     @property
     def share(self) -> float:

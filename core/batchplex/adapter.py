@@ -39,7 +39,8 @@ class Adapter(Generic[Prepared]):
     #: Copy the model's output to host memory before ``split`` (False keeps results on the device).
     copy_output_to_host: bool = True
     #: ``postprocess`` reads only the output and the inputs (never ``items``) and launches only device work of
-    #: fixed shapes: with ``cuda_graphs`` it is captured in the model's graph (called with ``items=()``).
+    #: fixed shapes: with ``cuda_graphs`` the graphed model runs it, captured in its graph (and eagerly where it
+    #: runs eagerly: on the CPU, after a failed capture, past its graph limit), always with ``items=()``.
     graph_postprocess: bool = False
 
     def configure(self, **options: Any) -> Adapter[Prepared]:

@@ -130,6 +130,7 @@ class Scheduler:
                     log.warning("workload %r: cuda_graphs ignored on %s (%s)", name, dev,
                                 models[dev].disabled_reason)
         workload = Workload(name, adapter, models, policy or BatchPolicy(), weight)
+        workload.postprocess_in_model = cuda_graphs and adapter.graph_postprocess
         for dev in devices:
             lane = self._lanes.get(dev)
             if lane is None:
@@ -620,11 +621,16 @@ class Scheduler:
 
 
 def _graphed(model: Callable, device: torch.device, name: str, adapter: Adapter) -> GraphedModel:
-    """The workload's model graphed for ``device``, with the adapter's postprocess in the graph where it may be,
-    and without a copy of the output where the executor copies it to host memory at once."""
-    postprocess = (lambda output, inputs: adapter.postprocess(output, inputs, ())) if adapter.graph_postprocess \
-        else None
-    return GraphedModel(model, device, name, postprocess=postprocess, clone_output=not adapter.copy_output_to_host)
+    """The workload's model graphed for ``device``, with the adapter's postprocess in the graph where it may be.
+
+    The replayed output is handed out without a copy when the executor copies it to host memory at once and no
+    host-side postprocess sees it before (one in the graph, or none): an eager postprocess might change it in place
+    or wrap it where the copy to host cannot see."""
+    in_graph = adapter.graph_postprocess
+    postprocess = (lambda output, inputs: adapter.postprocess(output, inputs, ())) if in_graph else None
+    untouched = in_graph or type(adapter).postprocess is Adapter.postprocess
+    return GraphedModel(model, device, name, postprocess=postprocess,
+                        clone_output=not (adapter.copy_output_to_host and untouched))
 
 
 def _finish_warmup(finished: asyncio.Future, job: BatchJob) -> None:

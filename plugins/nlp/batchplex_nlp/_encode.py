@@ -199,8 +199,9 @@ _UNSIGNED = {np.dtype(signed): np.dtype(unsigned) for signed, unsigned in
 def _outside(ids: np.ndarray, vocab_size: int) -> bool:
     """Whether any id is negative or ``>= vocab_size``, with one ``argmax`` instead of two comparisons, an ``or``
     and an ``any``: viewed as unsigned, a negative int32 or int64 is at least 2**31, past any vocabulary, and
-    numpy's argmax is a vectorised single pass with less fixed cost than ``max`` (0.7 us vs 2.4 us for 128 ids on
-    a 2-core AMD EPYC). Narrower or byte-swapped ids (rare) are widened to int64 first."""
+    numpy's argmax is a vectorised single pass with less fixed cost than ``max`` (the whole check: 0.7 us with
+    argmax, 1.4 us with max, for 128 ids on a 2-core AMD EPYC). Narrower or byte-swapped ids (rare) are widened to
+    int64 first."""
     unsigned = _UNSIGNED.get(ids.dtype)
     if unsigned is None:
         ids = ids.astype(np.int64)

@@ -58,19 +58,17 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def run():
-    """``run(requests, model, adapter_options, device=, policy=, cuda_graphs=)``: submit every request at once through a real
+    """``run(requests, model, adapter_options, device=, policy=)``: submit every request at once through a real
     scheduler; returns their results (or exceptions) and the workload's statistics."""
     return _run
 
 
 def _run(requests: Sequence[Any], model: torch.nn.Module, adapter_options: dict, *,
-         device: torch.device | str = "cpu", policy: BatchPolicy | None = None,
-         cuda_graphs: bool = False) -> tuple[list[Any], dict]:
+         device: torch.device | str = "cpu", policy: BatchPolicy | None = None) -> tuple[list[Any], dict]:
     async def main() -> tuple[list[Any], dict]:
         async with Scheduler() as scheduler:
             scheduler.add_workload("text", adapter="text", adapter_options=adapter_options, model=HFModel(model),
-                                   device=device, policy=policy or BatchPolicy(max_batch_size=64, max_wait_ms=50),
-                                   cuda_graphs=cuda_graphs)
+                                   device=device, policy=policy or BatchPolicy(max_batch_size=64, max_wait_ms=50))
             results = await asyncio.gather(*(scheduler.submit("text", request) for request in requests),
                                            return_exceptions=True)
             return results, scheduler.statistics()["text"]

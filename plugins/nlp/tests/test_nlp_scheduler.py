@@ -73,10 +73,21 @@ def test_cuda_graphs_with_the_pooling_in_the_graph_give_the_eager_results(tokeni
     policy = BatchPolicy(max_batch_size=8, max_wait_ms=50, preferred_batch_sizes=(8,))
     options = {"tokenizer": tokenizer, "output": output, "max_length": 64}
     eager, _ = run(texts * 3, tiny, options, device=device, policy=policy)
-    graphed, stats = run(texts * 3, tiny, options, device=device, policy=policy, cuda_graphs=True)
-    assert stats["completed"] == len(texts) * 3
+
+    async def graphed_run():
+        async with Scheduler() as scheduler:
+            workload = scheduler.add_workload("text", adapter="text", adapter_options=options, model=HFModel(tiny),
+                                              device=device, policy=policy, cuda_graphs=True)
+            results = await asyncio.gather(*(scheduler.submit("text", text) for text in texts * 3))
+            return results, workload
+
+    graphed, workload = asyncio.run(graphed_run())
     for index, (got, expected) in enumerate(zip(graphed, eager)):
         assert_same_result(got.cpu(), expected.cpu(), rtol=RTOL, atol=ATOL, where=f"request {index}")
+    assert workload.postprocess_in_model
+    if torch.device(device).type == "cuda":  # the pooling really ran inside replayed graphs
+        (model,) = workload.models.values()
+        assert model.disabled_reason is None and model.captured_signatures
 
 
 def test_pairs_carry_token_type_ids(tokenizer, tiny, device, texts, run):
