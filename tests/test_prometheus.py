@@ -72,6 +72,10 @@ async def test_metrics_follow_real_requests_through_a_scheduler():
     assert value(parsed, "batchplex_padding_waste_ratio", workload="lin") == pytest.approx(1 - 10 / 12)
     assert value(parsed, "batchplex_batch_run_seconds_count", **batch) == 3
     assert value(parsed, "batchplex_batch_run_seconds_sum", **batch) >= 0.02  # the held batch ran >= 20 ms
+    assert value(parsed, "batchplex_batch_pipeline_seconds_count", **batch) == 3
+    # a batch's trip through the executor includes its run
+    assert value(parsed, "batchplex_batch_pipeline_seconds_sum", **batch) >= \
+        value(parsed, "batchplex_batch_run_seconds_sum", **batch)
     assert value(parsed, "batchplex_queue_wait_seconds_count", **batch) == 3
     assert value(parsed, "batchplex_queue_wait_seconds_bucket", le="+Inf", **batch) == 3
     assert value(parsed, "batchplex_batches_retried_total", **batch) == 0

@@ -322,3 +322,35 @@ async def test_a_broken_stage_fails_its_batch_instead_of_hanging(scheduler):
                                                      return_exceptions=True), timeout=10)
     assert all(isinstance(o, ExecutorBug) for o in outcomes)
     assert scheduler.statistics()["w"]["failed"] == 2
+
+
+async def test_batch_records_show_where_each_batch_spent_its_trip():
+    from batchplex.builtin_adapters import TensorAdapter
+
+    class SlowCollate(TensorAdapter):
+        def collate(self, items, device, batch_size):
+            time.sleep(0.02)
+            return super().collate(items, device, batch_size)
+
+    def slow_model(batch):
+        time.sleep(0.03)
+        return batch
+
+    records = []
+
+    class Observer:
+        @batchplex.hookimpl
+        def batch_finished(self, record):
+            records.append(record)
+
+    async with Scheduler(autoload=False, plugins=[Observer()]) as scheduler:
+        scheduler.add_workload("w", adapter=SlowCollate(), model=slow_model,
+                               policy=BatchPolicy(max_batch_size=4, max_wait_ms=1))
+        await asyncio.gather(*(scheduler.submit("w", torch.zeros(2)) for _ in range(16)))
+        stats = scheduler.statistics()["w"]
+    assert len(records) == stats["batches"] >= 4
+    for record in records:
+        assert record.collate_s >= 0.02 and record.launch_s >= 0.03 and record.finish_s >= 0
+        assert record.pipeline_s >= record.collate_s + record.launch_s + record.finish_s
+    assert stats["stage_ms_mean"]["collate"] >= 20 and stats["stage_ms_mean"]["launch"] >= 30
+    assert stats["pipeline_ms"]["p50"] >= 50

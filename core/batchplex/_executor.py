@@ -40,8 +40,8 @@ class BatchJob:
     """One batch on its way through a device executor, and what came of it."""
 
     __slots__ = ("workload", "requests", "items", "padded_size", "model", "owner", "waited_s", "inputs", "output",
-                 "error",
-                 "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried", "batch_error")
+                 "error", "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried",
+                 "batch_error", "dispatched", "collate_s", "launch_s", "finish_s")
 
     def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
                  waited_s: float = 0.0) -> None:
@@ -64,6 +64,9 @@ class BatchJob:
         self.oom_size = 0
         self.retried = False
         self.batch_error: BaseException | None = None  # what failed the whole batch before it was bisected
+        # Host clock (perf_counter): when the batch left the queue, and the time spent inside each stage.
+        self.dispatched = time.perf_counter()
+        self.collate_s = self.launch_s = self.finish_s = 0.0
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -126,6 +129,7 @@ class DeviceExecutor:
     # ------------------------------------------------------------------ stages
     def _collate_stage(self, job: BatchJob) -> None:
         adapter = job.workload.adapter
+        entered = time.perf_counter()
         try:
             if self.cuda:
                 with torch.cuda.stream(self._copy_stream):
@@ -136,10 +140,12 @@ class DeviceExecutor:
                 job.inputs = adapter.collate(job.items, self.device, job.padded_size)
         except Exception as error:  # isolated by the finish stage
             job.error = error
+        job.collate_s = time.perf_counter() - entered
 
     def _run_stage(self, job: BatchJob) -> None:
         if job.error is not None:
             return
+        entered = time.perf_counter()
         try:
             if self.cuda:
                 stream = self._compute_stream
@@ -151,15 +157,16 @@ class DeviceExecutor:
                     job.output = self._forward(job.workload, job.model, job.inputs, job.items)
                     job.ended.record(stream)
             else:
-                started = time.perf_counter()
                 job.output = self._forward(job.workload, job.model, job.inputs, job.items)
-                job.run_s = time.perf_counter() - started
+                job.run_s = time.perf_counter() - entered
         except Exception as error:
             job.error = error
+        job.launch_s = time.perf_counter() - entered
 
     def _finish_stage(self, job: BatchJob) -> None:
         adapter = job.workload.adapter
         n = len(job.requests)
+        entered = time.perf_counter()
         if job.error is None:
             try:
                 if self.cuda:
@@ -178,6 +185,7 @@ class DeviceExecutor:
         job.output = None
         if job.error is not None:
             self._isolate(job)
+        job.finish_s = time.perf_counter() - entered
         self._on_done(job)
 
     def _run_and_finish_stage(self, job: BatchJob) -> None:

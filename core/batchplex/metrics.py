@@ -17,7 +17,14 @@ WINDOW = 8192
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """What one finished batch did; handed to ``batch_finished`` observers."""
+    """What one finished batch did; handed to ``batch_finished`` observers.
+
+    ``run_s`` is device time (CUDA events; the model's wall time on the CPU). The host-clock fields show where a
+    batch's trip through the executor went: ``pipeline_s`` from leaving the queue to its results reaching the
+    event loop, and the time inside each stage (``collate_s``; ``launch_s``, the run stage, which on CUDA only
+    queues the work; ``finish_s``, waiting for the device, splitting and any bisection). Under load the stages
+    also wait for the GIL, and ``pipeline_s`` minus the three is time spent queued between stages.
+    """
 
     workload: str
     device: str
@@ -29,6 +36,10 @@ class BatchRecord:
     run_s: float
     failed: int
     retried: bool
+    pipeline_s: float = 0.0
+    collate_s: float = 0.0
+    launch_s: float = 0.0
+    finish_s: float = 0.0
 
 
 def percentile(samples: list[float], q: float) -> float | None:
@@ -58,8 +69,10 @@ class WorkloadStats:
     cost: int = 0
     padded_cost: int = 0
     run_s_total: float = 0.0
+    stage_s_total: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # collate, launch, finish
     waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     runs_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    pipelines_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
     def record_batch(self, record: BatchRecord) -> None:
         self.batches += 1
@@ -70,10 +83,16 @@ class WorkloadStats:
         self.padded_cost += record.padded_cost
         self.run_s_total += record.run_s
         self.runs_s.append(record.run_s)
+        self.pipelines_s.append(record.pipeline_s)
+        totals = self.stage_s_total
+        totals[0] += record.collate_s
+        totals[1] += record.launch_s
+        totals[2] += record.finish_s
 
     def snapshot(self, *, max_batch_size: int, queue_depth: int, in_flight: int) -> dict[str, Any]:
         waits = list(self.waits_s)
         runs = list(self.runs_s)
+        pipelines = list(self.pipelines_s)
         mean_size = self.items / self.batches if self.batches else 0.0
         return {
             "queue_depth": queue_depth,
@@ -93,6 +112,9 @@ class WorkloadStats:
             "device_time_s": self.run_s_total,
             "wait_ms": {f"p{q}": _ms(percentile(waits, q)) for q in (50, 90, 99)},
             "run_ms": {f"p{q}": _ms(percentile(runs, q)) for q in (50, 90, 99)},
+            "pipeline_ms": {f"p{q}": _ms(percentile(pipelines, q)) for q in (50, 90, 99)},
+            "stage_ms_mean": {stage: _ms(total / self.batches) if self.batches else None
+                              for stage, total in zip(("collate", "launch", "finish"), self.stage_s_total)},
         }
 
 

@@ -14,6 +14,8 @@ Every series carries a ``workload`` label (batch series also ``device``):
 * ``batchplex_queue_wait_seconds`` (histogram): per batch, the queue wait of its oldest request (arrival to
   dispatch), the longest wait in the batch;
 * ``batchplex_batch_run_seconds`` (histogram): device time of the batch (model and postprocess);
+* ``batchplex_batch_pipeline_seconds`` (histogram): host time of the batch from dispatch until its results reach
+  the event loop (its whole trip through the executor's stages);
 * ``batchplex_batches_total``, ``batchplex_batches_retried_total`` (split after a failure or out-of-memory);
 * ``batchplex_cost_total`` and ``batchplex_padded_cost_total``: real and padded cost (tokens, rows); padding
   waste over a window is ``1 - rate(cost) / rate(padded_cost)``;
@@ -67,6 +69,9 @@ class PrometheusExporter:
             buckets=SECONDS_BUCKETS, **common)
         self.batch_run = client.Histogram("batch_run_seconds", "Device time of each batch (model and postprocess).",
                                           buckets=SECONDS_BUCKETS, **common)
+        self.batch_pipeline = client.Histogram(
+            "batch_pipeline_seconds", "Host time of each batch from dispatch to its results reaching the event loop.",
+            buckets=SECONDS_BUCKETS, **common)
         self.batches = client.Counter("batches", "Finished batches.", **common)
         self.retried = client.Counter("batches_retried", "Batches split and retried after a failure or "
                                       "out-of-memory.", **common)
@@ -82,6 +87,7 @@ class PrometheusExporter:
         self.batch_size.labels(*labels).observe(record.size)
         self.queue_wait.labels(*labels).observe(record.max_wait_s)
         self.batch_run.labels(*labels).observe(record.run_s)
+        self.batch_pipeline.labels(*labels).observe(record.pipeline_s)
         self.batches.labels(*labels).inc()
         self.retried.labels(*labels).inc(int(record.retried))  # 0 still creates the series
         self.cost.labels(*labels).inc(record.cost)

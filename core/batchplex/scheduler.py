@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -587,7 +588,9 @@ class Scheduler:
         record = BatchRecord(
             workload=workload.name, device=str(lane.device), size=len(costs), padded_size=job.padded_size,
             cost=sum(costs), padded_cost=workload.adapter.padded_cost(costs, job.padded_size),
-            max_wait_s=job.waited_s, run_s=job.run_s, failed=failed, retried=job.retried)
+            max_wait_s=job.waited_s, run_s=job.run_s, failed=failed, retried=job.retried,
+            pipeline_s=time.perf_counter() - job.dispatched, collate_s=job.collate_s, launch_s=job.launch_s,
+            finish_s=job.finish_s)
         stats.record_batch(record)
         self.plugins.batch_finished(record)
         self._pump(lane)
@@ -600,7 +603,8 @@ class Scheduler:
     # ------------------------------------------------------------------ observing
     def statistics(self) -> dict[str, dict[str, Any]]:
         """Per workload: queue depth, in flight, batches, mean batch size and fill, padding waste, wait and run
-        time percentiles (ms), rejections, timeouts, cancellations and failures."""
+        time percentiles (ms), rejections, timeouts, cancellations and failures; and where a batch's trip through
+        the executor goes (``pipeline_ms`` percentiles, ``stage_ms_mean`` per stage: see `BatchRecord`)."""
         report = {}
         for name, workload in self._workloads.items():
             stats, queue = workload.stats, workload.queue
