@@ -15,8 +15,9 @@ model's output row; that of an N-sample request is its N rows (also for N = 1 gi
 `prepare_request` validates everything that could break a batch later (on a GPU an out-of-range index kills the
 whole CUDA context, so ids are range-checked here) and flattens the request once: ids in configured key order,
 sample-major (sample 0's features, then sample 1's...), with one length per (sample, key). It runs on the event
-loop, so the common request, one sample of int lists or 1-D tensors, is read for all features at once
-(`batchplex_recsys._one_sample`); other forms, and requests to refuse, are read feature by feature.
+loop, so the common requests are read for all features at once: one sample of int lists or 1-D tensors
+(`batchplex_recsys._one_sample`), and N samples with a ``JaggedTensor`` per feature; other forms, and requests to
+refuse, are read feature by feature.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def prepare_request(spec: FeatureSpec, item: Any) -> PreparedRanking:
         unknown = next(key for key in sparse if key not in spec.index)
         raise InvalidRequestError(f"unknown sparse feature key {unknown!r} (known: {', '.join(spec.keys)})",
                                   rule="known feature key", value=unknown)
-    return _one_sample(spec, sparse, dense, weights) or _any_form(spec, sparse, dense, weights)
+    return (_one_sample(spec, sparse, dense, weights) or _jagged_samples(spec, sparse, dense, weights)
+            or _any_form(spec, sparse, dense, weights))
 
 
 def _one_sample(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
@@ -92,6 +94,41 @@ def _one_sample(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
             return None
     _check_range(spec, values, counts)
     return PreparedRanking(values, int64_tensor(counts), weight_values, row, 1, True)
+
+
+def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
+                    weights: Mapping[str, Any]) -> PreparedRanking | None:
+    """The N-sample fast path: every feature a torchrec ``JaggedTensor`` with one row per sample, no weights.
+
+    All features at once (one stack of the lengths, one concatenation of the ids) instead of feature by feature:
+    a 32-sample request of 26 features in 107 us instead of 155 (2-core AMD EPYC). None for anything else, or
+    anything in doubt, so that `_any_form` reads it (and refuses it with the precise error)."""
+    if spec.weighted or weights:
+        return None
+    raws = list(map(sparse.get, spec.keys))
+    if not all(callable(getattr(raw, "lengths", None)) and callable(getattr(raw, "values", None)) for raw in raws):
+        return None
+    parts = [raw.values() for raw in raws]
+    if not all(part.dtype in INTEGER_DTYPES and part.dim() == 1 for part in parts):
+        return None
+    try:
+        lengths = torch.stack([raw.lengths() for raw in raws]).cpu()  # (keys, samples): refuses unequal counts
+    except RuntimeError:
+        return None
+    counts = [part.numel() for part in parts]
+    samples = lengths.shape[1]
+    if not samples or lengths.dtype not in INTEGER_DTYPES or lengths.sum(1).tolist() != counts or (
+            lengths.numel() and int(lengths.min()) < 0):
+        return None
+    dense_rows = _dense(spec, dense)
+    if dense_rows is not None and (dense_rows.dim() != 2 or dense_rows.shape[0] != samples):
+        return None
+    values = torch.cat(parts).cpu().to(torch.int64)
+    _check_range(spec, values, counts)
+    lengths, values, _ = transpose_segments(lengths.to(torch.int64).reshape(-1), values, None, len(spec.keys),
+                                            samples)  # key-major as given -> sample-major
+    dense_values = torch.zeros(samples * spec.dense_dim) if dense_rows is None else dense_rows.reshape(-1)
+    return PreparedRanking(values, lengths, None, dense_values, samples, False)
 
 
 def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,

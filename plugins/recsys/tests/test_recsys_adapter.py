@@ -89,6 +89,36 @@ def test_request_forms_give_the_same_flat_request():
     assert square.lengths.tolist() == [0, 0, 2, 0, 0, 2]
 
 
+def _jagged(rows, dtype=torch.int64):
+    return JaggedTensor(torch.tensor([i for row in rows for i in row], dtype=dtype),
+                        lengths=torch.tensor([len(row) for row in rows]))
+
+
+def test_every_feature_as_a_jagged_tensor_reads_all_features_at_once_alike():
+    """The all-JaggedTensor fast path flattens exactly as the per-feature reading of the same lists does."""
+    adapter = small_adapter()
+    rows = {"a": [[1, 2], [], [9]], "b": [[4], [5, 6], []], "c": [[], [29], [0, 1]]}
+    dense = [[0, 1], [2, 3], [4, 5]]
+    fast = adapter.prepare({"sparse": {key: _jagged(value, torch.int32) for key, value in rows.items()},
+                            "dense": dense})
+    general = adapter.prepare({"sparse": rows, "dense": dense})
+    for field in ("values", "lengths", "dense"):
+        assert torch.equal(getattr(fast, field), getattr(general, field)), field
+    assert fast.values.dtype == torch.int64 and (fast.samples, fast.single) == (3, False)
+
+
+@pytest.mark.parametrize(("sparse", "rule"), [
+    ({"a": [[1], [2]], "b": [[1], [2]], "c": [[30], [0]]}, "ids < table size"),
+    ({"a": [[1], [-2]], "b": [[1], [2]], "c": [[3], [0]]}, "ids >= 0"),
+    ({"a": [[1], [2]], "b": [[1]], "c": [[3], [0]]}, "same number of samples"),
+])
+def test_bad_jagged_requests_get_the_precise_error(sparse, rule):
+    with pytest.raises(InvalidRequestError) as caught:
+        small_adapter().prepare({"sparse": {key: _jagged(rows) for key, rows in sparse.items()},
+                                 "dense": [[0, 0], [0, 0]]})
+    assert caught.value.rule == rule
+
+
 def test_one_sample_forms_give_the_same_flat_request():
     """Int lists and 1-D tensors (the fast path) and tuples or mixed forms (read feature by feature) flatten
     alike; ids may pass the smallest table (a: 10 rows) as long as they fit their own (c: 30 rows)."""
