@@ -246,7 +246,7 @@ class DeviceExecutor:
         since two threads refilling and replaying one graph would swap each other's inputs and outputs."""
         workload = job.workload
         adapter = workload.adapter
-        model = job.model.eager if type(job.model) is GraphedModel else job.model
+        model = job.model.eager if isinstance(job.model, GraphedModel) else job.model
         items = job.items[lo:hi]
         padded = workload.policy.padded_size(len(items))
         if self.cuda:

@@ -42,7 +42,9 @@ def _signature(inputs: Any) -> tuple:
 class GraphedModel:
     """Wraps ``model`` for one CUDA device: replays a captured graph per input signature, eager otherwise.
 
-    ``postprocess(output, inputs)``, when given, runs after the model, in the graph or eagerly alike.
+    ``postprocess(output, inputs)``, when given, runs after the model, in the graph or eagerly alike (with
+    ``cuda_graphs=True`` the scheduler passes the adapter's here when `Adapter.graph_postprocess` allows; in a
+    GraphedModel you pass as ``model`` it is part of the model, and the adapter's postprocess still follows).
     ``clone_output=False`` returns the graph's own output buffers, which the next replay overwrites: only for a
     caller that consumes them on the current stream before it replays again, from the one thread that replays.
     A second thread (the executor's bisection of a failed batch) calls `eager` instead.

@@ -604,7 +604,8 @@ class Scheduler:
     def statistics(self) -> dict[str, dict[str, Any]]:
         """Per workload: queue depth, in flight, batches, mean batch size and fill, padding waste, wait and run
         time percentiles (ms), rejections, timeouts, cancellations and failures; and where a batch's trip through
-        the executor goes (``pipeline_ms`` percentiles, ``stage_ms_mean`` per stage: see `BatchRecord`)."""
+        the executor goes (``pipeline_ms`` percentiles over recent batches, ``stage_ms_mean`` per stage since the
+        workload started: see `BatchRecord`)."""
         report = {}
         for name, workload in self._workloads.items():
             stats, queue = workload.stats, workload.queue

@@ -70,6 +70,9 @@ def int64_tensor(numbers: Iterable[Any]) -> torch.Tensor | None:
 def _from_jagged_tensor(key: str, raw: Any, what: str) -> tuple[torch.Tensor, list[int]]:
     """A torchrec ``JaggedTensor`` (one row per sample): the cheapest N-sample form, no per-sample work."""
     values, lengths = raw.values(), raw.lengths().tolist()
+    if lengths and min(lengths) < 0:
+        raise InvalidRequestError(f"feature {key!r}: the JaggedTensor's lengths must be >= 0, got {min(lengths)}",
+                                  rule=f"{what} lengths", value=min(lengths))
     if values.dim() != 1 or sum(lengths) != values.numel():
         raise InvalidRequestError(f"feature {key!r}: the JaggedTensor's lengths add up to {sum(lengths)} but it "
                                   f"holds {values.numel()} {what} (shape {tuple(values.shape)})",

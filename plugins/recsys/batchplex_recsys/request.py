@@ -117,13 +117,19 @@ def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
         return None
     counts = [part.numel() for part in parts]
     samples = lengths.shape[1]
-    if not samples or lengths.dtype not in INTEGER_DTYPES or lengths.sum(1).tolist() != counts or (
-            lengths.numel() and int(lengths.min()) < 0):
+    if not samples or lengths.dtype not in INTEGER_DTYPES:
+        return None
+    shortest, longest = (int(bound) for bound in lengths.aminmax())
+    # no segment below 0 or above its feature's ids: then the sums below cannot wrap around
+    if shortest < 0 or longest > max(counts) or lengths.sum(1).tolist() != counts:
         return None
     dense_rows = _dense(spec, dense)
     if dense_rows is not None and (dense_rows.dim() != 2 or dense_rows.shape[0] != samples):
         return None
-    values = torch.cat(parts).cpu().to(torch.int64)
+    try:
+        values = torch.cat(parts).cpu().to(torch.int64)
+    except RuntimeError:  # features on different devices: read one by one
+        return None
     _check_range(spec, values, counts)
     lengths, values, _ = transpose_segments(lengths.to(torch.int64).reshape(-1), values, None, len(spec.keys),
                                             samples)  # key-major as given -> sample-major

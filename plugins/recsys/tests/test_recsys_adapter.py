@@ -119,6 +119,17 @@ def test_bad_jagged_requests_get_the_precise_error(sparse, rule):
     assert caught.value.rule == rule
 
 
+def test_jagged_lengths_that_wrap_around_when_summed_are_refused():
+    """Lengths of 2**63 - 1 add up (in int64) to a small number: summed in Python they are refused, never
+    handed to the transpose, which would read past the ids."""
+    huge = 2**63 - 1
+    sparse = {"a": JaggedTensor(torch.tensor([1, 2]), lengths=torch.tensor([huge, huge, 4])),
+              "b": _jagged([[1], [2], [3]]), "c": _jagged([[1], [2], [3]])}
+    with pytest.raises(InvalidRequestError) as caught:
+        small_adapter().prepare({"sparse": sparse, "dense": [[0, 0]] * 3})
+    assert caught.value.rule == "ids lengths"
+
+
 def test_one_sample_forms_give_the_same_flat_request():
     """Int lists and 1-D tensors (the fast path) and tuples or mixed forms (read feature by feature) flatten
     alike; ids may pass the smallest table (a: 10 rows) as long as they fit their own (c: 30 rows)."""
@@ -227,6 +238,8 @@ BAD = [
     ({"sparse": {"a": [1]}, "dense": [0, 0], "extra": 1}, "request fields", "extra"),
     ({"sparse": {"a": JaggedTensor(torch.tensor([1, 2]), lengths=torch.tensor([1, 2]))}, "dense": [[0, 0]] * 2},
      "ids lengths", 3),
+    ({"sparse": {"a": JaggedTensor(torch.tensor([1, 2]), lengths=torch.tensor([3, -1]))}, "dense": [[0, 0]] * 2},
+     "ids lengths", -1),
     ([1, 2, 3], "request type", list),
 ]
 
