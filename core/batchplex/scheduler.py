@@ -584,7 +584,8 @@ class Scheduler:
                         workload.name, job.oom_size, queue.memory_cap)
         lane: Lane = job.owner
         lane.in_flight -= 1
-        costs = [request.cost for request in job.requests]
+        # the adapter's cost now: a text left to its batch knows its real token count only once collated
+        costs = [1] * len(job.items) if workload.unit_cost else list(map(workload.adapter.cost, job.items))
         record = BatchRecord(
             workload=workload.name, device=str(lane.device), size=len(costs), padded_size=job.padded_size,
             cost=sum(costs), padded_cost=workload.adapter.padded_cost(costs, job.padded_size),

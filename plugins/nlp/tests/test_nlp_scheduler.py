@@ -118,6 +118,15 @@ def test_texts_tokenized_per_batch_equal_each_text_alone(tokenizer, tiny, device
     assert_same_result(results[-1], results[3], rtol=0, atol=1e-6, where="ids next to deferred texts")
 
 
+def test_padding_waste_of_texts_left_to_their_batch_counts_their_real_tokens(tokenizer, tiny, texts, run):
+    """The statistics use each text's real token count once it is tokenized, not the estimate made at submit."""
+    _, stats = run(texts, tiny, {"tokenizer": tokenizer, "tokenize": "collate", "max_length": 256})
+    lengths = [len(tokenizer(text, truncation=True, max_length=256)["input_ids"]) for text in texts]
+    padded = len(texts) * min(-(-max(lengths) // 8) * 8, 256)
+    assert stats["batches"] == 1
+    assert stats["padding_waste"] == pytest.approx(1 - sum(lengths) / padded)
+
+
 def test_texts_left_to_their_batch_are_checked_at_submit_and_estimated(tokenizer, tiny):
     adapter = TextAdapter(tokenizer, tokenize="collate", max_length=64)
     deferred = adapter.prepare("one two three four " * 5)
