@@ -12,7 +12,8 @@ A workload's adapter can have its ``postprocess`` captured in the same graph (`A
 load every host-side op of the executor's run stage waits for the GIL, which the event loop holds most of the
 time, so folding masked mean pooling's seven ops into the replay shortens the run stage, the pipeline's slowest.
 For the same reason the replayed output is handed out as is when the executor copies it to host memory right away
-on the same stream (``clone_output=False``): the copy is ordered before the next replay overwrites it.
+on the same stream and no host-side postprocess sees it first (``clone_output=False``): the copy is ordered before
+the next replay overwrites it.
 
 Capture runs with ``capture_error_mode="thread_local"``: the executor's other threads keep copying and waiting on
 events while one workload captures, and the default global mode would turn their calls into capture errors.
