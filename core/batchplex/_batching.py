@@ -96,7 +96,7 @@ class RequestQueue:
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
         self._max_batch_size = value
-        self.batch_limit = max(1, min(value, self._memory_cap))
+        self._update_batch_limit()
 
     @property
     def memory_cap(self) -> int:
@@ -105,7 +105,10 @@ class RequestQueue:
     @memory_cap.setter
     def memory_cap(self, value: int) -> None:
         self._memory_cap = value
-        self.batch_limit = max(1, min(self._max_batch_size, value))
+        self._update_batch_limit()
+
+    def _update_batch_limit(self) -> None:
+        self.batch_limit = max(1, min(self._max_batch_size, self._memory_cap))
 
     # ---------------------------------------------------------------- arrivals
     def push(self, request: Request) -> bool:

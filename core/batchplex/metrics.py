@@ -69,7 +69,9 @@ class WorkloadStats:
     cost: int = 0
     padded_cost: int = 0
     run_s_total: float = 0.0
-    stage_s_total: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # collate, launch, finish
+    collate_s_total: float = 0.0
+    launch_s_total: float = 0.0
+    finish_s_total: float = 0.0
     waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     runs_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     pipelines_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
@@ -84,10 +86,9 @@ class WorkloadStats:
         self.run_s_total += record.run_s
         self.runs_s.append(record.run_s)
         self.pipelines_s.append(record.pipeline_s)
-        totals = self.stage_s_total
-        totals[0] += record.collate_s
-        totals[1] += record.launch_s
-        totals[2] += record.finish_s
+        self.collate_s_total += record.collate_s
+        self.launch_s_total += record.launch_s
+        self.finish_s_total += record.finish_s
 
     def snapshot(self, *, max_batch_size: int, queue_depth: int, in_flight: int) -> dict[str, Any]:
         waits = list(self.waits_s)
@@ -113,8 +114,9 @@ class WorkloadStats:
             "wait_ms": {f"p{q}": _ms(percentile(waits, q)) for q in (50, 90, 99)},
             "run_ms": {f"p{q}": _ms(percentile(runs, q)) for q in (50, 90, 99)},
             "pipeline_ms": {f"p{q}": _ms(percentile(pipelines, q)) for q in (50, 90, 99)},
-            "stage_ms_mean": {stage: _ms(total / self.batches) if self.batches else None
-                              for stage, total in zip(("collate", "launch", "finish"), self.stage_s_total)},
+            "stage_ms_mean": {stage: _ms(total / self.batches) if self.batches else None for stage, total in
+                              (("collate", self.collate_s_total), ("launch", self.launch_s_total),
+                               ("finish", self.finish_s_total))},
         }
 
 

@@ -133,8 +133,7 @@ def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
     _check_range(spec, values, counts)
     lengths, values, _ = transpose_segments(lengths.to(torch.int64).reshape(-1), values, None, len(spec.keys),
                                             samples)  # key-major as given -> sample-major
-    dense_values = torch.zeros(samples * spec.dense_dim) if dense_rows is None else dense_rows.reshape(-1)
-    return PreparedRanking(values, lengths, None, dense_values, samples, False)
+    return PreparedRanking(values, lengths, None, _flat_dense(spec, dense_rows, samples), samples, False)
 
 
 def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
@@ -148,11 +147,10 @@ def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
         _sample_lengths(count, per_sample, samples) for count, per_sample in zip(ids.counts, ids.per_sample))))
     values = ids.values
     weight_values = _weights(spec, weights, ids, samples)
-    dense_values = torch.zeros(samples * spec.dense_dim) if dense_rows is None else dense_rows.reshape(-1)
     if samples > 1:  # key-major as given -> sample-major
         lengths, values, weight_values = transpose_segments(lengths, values, weight_values, len(spec.keys),
                                                             samples)
-    return PreparedRanking(values, lengths, weight_values, dense_values, samples, single)
+    return PreparedRanking(values, lengths, weight_values, _flat_dense(spec, dense_rows, samples), samples, single)
 
 
 def _fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
@@ -316,6 +314,11 @@ def _dense(spec: FeatureSpec, dense: Any) -> torch.Tensor | None:
         raise InvalidRequestError("'dense' holds NaN or infinite values", rule="finite dense values",
                                   value=_first_nonfinite(rows))
     return rows
+
+
+def _flat_dense(spec: FeatureSpec, rows: torch.Tensor | None, samples: int) -> torch.Tensor:
+    """The dense rows flattened sample-major; zeros when the workload has no dense features."""
+    return torch.zeros(samples * spec.dense_dim) if rows is None else rows.reshape(-1)
 
 
 def _first_nonfinite(tensor: torch.Tensor) -> float:
