@@ -6,7 +6,8 @@ minutes):
 
 * ``classify``: ResNet-50 fp16 channels_last, 224x224 uint8 requests, batch 64, CUDA graphs (resnet18 fp32 64x64,
   batch 8 on the CPU);
-* ``embed``: MiniLM-L6 fp16, 128-token pre-tokenized requests, batch 128, mean pooling (32 tokens, batch 8);
+* ``embed``: MiniLM-L6 fp16, 128-token pre-tokenized requests, batch 128, mean pooling, CUDA graphs (32 tokens,
+  batch 8 on the CPU);
 * ``rank``: torchrec DLRM, 26 sparse + 13 dense features, 32 candidate samples per request, 2048 samples a batch
   (256 on the CPU);
 * ``detect``: fasterrcnn_mobilenet_v3_large_320_fpn fp32, images with sides of 160-640 px, batch 8 (64-192 px,
@@ -131,7 +132,7 @@ def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
         Spec("classify", "image", classifier, lambda rng: uint8_image(rng, side, side), 64 if cuda else 8,
              adapter_options={"size": side, "dtype": half, "channels_last": cuda}, graphs=cuda),
         Spec("embed", "text", HFModel(bert), lambda rng: token_ids(rng, tokens), 128 if cuda else 8,
-             adapter_options={"tokenizer": tokenizer, "max_length": tokens}),
+             adapter_options={"tokenizer": tokenizer, "max_length": tokens}, graphs=cuda),
         Spec("rank", "ranking", dlrm, rank_request, (2048 if cuda else 256) // samples,
              adapter_options={"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(dlrm), "dense_dim": DENSE_DIM},
              items_per_request=samples),

@@ -14,7 +14,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors", "opaque_leaves"]
+__all__ = ["on_host", "host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors", "opaque_leaves"]
+
+
+def on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached on the host; returned as is when it is there already.
+
+    For ``prepare``, which runs on the event loop: ``tensor.detach().cpu()`` is two dispatcher calls even when
+    both are no-ops, and each one releases the GIL and must take it back. Under load, with executor threads
+    holding the GIL, each such round trip kept the loop waiting for about 0.1 ms (H200 host).
+    """
+    if tensor.is_cpu and not tensor.requires_grad:
+        return tensor
+    return tensor.detach().cpu()
 
 
 def host_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import tokenizers
 import torch
 from batchplex import InvalidRequestError, RequestTooLargeError
+from batchplex.collate import on_host
 from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Encoded", "TextEncoder"]
@@ -162,7 +163,7 @@ class TextEncoder:
     # ------------------------------------------------------------------ token ids
     def _encode_ids(self, item: Any) -> Encoded:
         try:
-            ids = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+            ids = on_host(item).numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidRequestError(f"a text request must be {_REQUEST_FORMS}; could not read token ids "
                                       f"({exc})", rule="text, text pair or token ids", value=type(item).__name__)

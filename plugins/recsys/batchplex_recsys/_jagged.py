@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from batchplex import InvalidRequestError
+from batchplex.collate import on_host
 
 __all__ = ["EMPTY_IDS", "INTEGER_DTYPES", "int64_tensor", "jagged"]
 
@@ -32,9 +33,9 @@ def jagged(key: str, raw: Any, what: str) -> tuple[torch.Tensor, list[int] | Non
         raw = _tensor(key, raw, what)  # numpy arrays and other array-likes
     if isinstance(raw, torch.Tensor):
         if raw.dim() == 1:
-            return raw.cpu(), None
+            return on_host(raw), None
         if raw.dim() == 2:
-            return raw.cpu().reshape(-1), [raw.shape[1]] * raw.shape[0]
+            return on_host(raw).reshape(-1), [raw.shape[1]] * raw.shape[0]
         raise InvalidRequestError(f"feature {key!r}: {what} must be a list (one sample) or a list of lists "
                                   f"(N samples), got a tensor of shape {tuple(raw.shape)}",
                                   rule=f"{what} shape", value=tuple(raw.shape))
@@ -55,7 +56,7 @@ def jagged(key: str, raw: Any, what: str) -> tuple[torch.Tensor, list[int] | Non
         lengths = [part.numel() for part in parts]
         filled = [part for part in parts if part.numel()]
         values = torch.cat(filled) if filled else EMPTY_IDS
-    return values.cpu(), lengths
+    return on_host(values), lengths
 
 
 def int64_tensor(numbers: Iterable[Any]) -> torch.Tensor | None:
@@ -77,7 +78,7 @@ def _from_jagged_tensor(key: str, raw: Any, what: str) -> tuple[torch.Tensor, li
         raise InvalidRequestError(f"feature {key!r}: the JaggedTensor's lengths add up to {sum(lengths)} but it "
                                   f"holds {values.numel()} {what} (shape {tuple(values.shape)})",
                                   rule=f"{what} lengths", value=sum(lengths))
-    return values.cpu(), lengths
+    return on_host(values), lengths
 
 
 def _tensor(key: str, raw: Any, what: str) -> torch.Tensor:
@@ -94,4 +95,4 @@ def _tensor(key: str, raw: Any, what: str) -> torch.Tensor:
     if tensor.dim() != 1:
         raise InvalidRequestError(f"feature {key!r}: each sample's {what} must be a flat list, got shape "
                                   f"{tuple(tensor.shape)}", rule=f"flat {what}", value=raw)
-    return tensor.cpu()
+    return on_host(tensor)

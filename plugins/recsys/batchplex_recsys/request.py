@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from batchplex import InvalidRequestError
+from batchplex.collate import on_host
 
 from ._jagged import EMPTY_IDS, INTEGER_DTYPES, int64_tensor, jagged
 from ._layout import transpose_segments
@@ -112,7 +113,7 @@ def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
     if not all(part.dtype in INTEGER_DTYPES and part.dim() == 1 for part in parts):
         return None
     try:
-        lengths = torch.stack([raw.lengths() for raw in raws]).cpu()  # (keys, samples): refuses unequal counts
+        lengths = on_host(torch.stack([raw.lengths() for raw in raws]))  # (keys, samples): refuses unequal counts
     except RuntimeError:
         return None
     counts = [part.numel() for part in parts]
@@ -127,11 +128,15 @@ def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
     if dense_rows is not None and (dense_rows.dim() != 2 or dense_rows.shape[0] != samples):
         return None
     try:
-        values = torch.cat(parts).cpu().to(torch.int64)
+        values = on_host(torch.cat(parts))
     except RuntimeError:  # features on different devices: read one by one
         return None
+    if values.dtype is not torch.int64:
+        values = values.to(torch.int64)
     _check_range(spec, values, counts)
-    lengths, values, _ = transpose_segments(lengths.to(torch.int64).reshape(-1), values, None, len(spec.keys),
+    if lengths.dtype is not torch.int64:
+        lengths = lengths.to(torch.int64)
+    lengths, values, _ = transpose_segments(lengths.reshape(-1), values, None, len(spec.keys),
                                             samples)  # key-major as given -> sample-major
     return PreparedRanking(values, lengths, None, _flat_dense(spec, dense_rows, samples), samples, False)
 
@@ -301,7 +306,8 @@ def _dense(spec: FeatureSpec, dense: Any) -> torch.Tensor | None:
                                       rule="dense length", value=None)
         return None
     try:
-        rows = torch.as_tensor(dense, dtype=torch.float32).cpu()
+        rows = on_host(dense if type(dense) is torch.Tensor and dense.dtype is torch.float32
+                       else torch.as_tensor(dense, dtype=torch.float32))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InvalidRequestError(f"'dense' must be numbers ({exc})", rule="numeric dense",
                                   value=type(dense)) from None

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from batchplex import InvalidRequestError
+from batchplex.collate import on_host
 from PIL import Image
 
 __all__ = ["LAYOUTS", "FLOAT_SLACK", "to_chw", "check_layout"]
@@ -63,7 +64,7 @@ def to_chw(item: Any, channels: int, layout: str = "auto") -> torch.Tensor:
     elif isinstance(item, np.ndarray):
         tensor = _from_numpy(item)
     elif isinstance(item, torch.Tensor):
-        tensor = item.detach().cpu()
+        tensor = on_host(item)
     else:
         raise InvalidRequestError(
             f"an image request must be a torch.Tensor, numpy.ndarray or PIL.Image.Image, got "
