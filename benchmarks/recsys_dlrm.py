@@ -9,7 +9,9 @@ on CUDA 100k x 64 tables and 512-wide MLPs, on the CPU 1000 x 16 tables and 64-w
 * end to end: closed-loop submitters (4 batches' worth of requests in flight) on one event loop, each awaiting its
   result before submitting again; ``BatchPolicy(max_batch_size=batch // samples, max_batch_cost=batch)``. Includes
   validation and flattening at submit, collation into one KeyedJaggedTensor, the pinned host-to-device copies,
-  the model, the copy back and the split per request.
+  the model, the copy back and the split per request;
+* end to end, flattened at collate: the N-sample runs again with the adapter's ``flatten="collate"`` (requests
+  kept as given at submit, each batch read in one pass on the collate thread).
 
     python benchmarks/recsys_dlrm.py --device cuda
     python benchmarks/recsys_dlrm.py --device cpu
@@ -58,11 +60,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device, samples: int) -> dict[str, Any]:
+async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device, samples: int,
+                     flatten: str = "submit") -> dict[str, Any]:
     """Closed-loop saturating load with requests of ``samples`` samples each."""
     per_batch = max(1, args.batch // samples)
     policy = BatchPolicy(max_batch_size=per_batch, max_batch_cost=per_batch * samples, max_wait_ms=args.max_wait_ms)
-    options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM}
+    options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM, "flatten": flatten}
 
     def make(rng: random.Random) -> RankingRequest:
         if samples == 1:
@@ -78,7 +81,7 @@ async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device,
         result = await saturate(scheduler, "dlrm", make, duration_s=args.duration, **load)
         after = scheduler.statistics()["dlrm"]
     batches = max(1, after["batches"] - before["batches"])
-    result.update(samples_per_request=samples, requests_per_batch=per_batch,
+    result.update(samples_per_request=samples, flatten=flatten, requests_per_batch=per_batch,
                   mean_samples_per_batch=(after["completed"] - before["completed"]) * samples / batches)
     return result
 
@@ -108,7 +111,8 @@ async def main() -> None:
     synchronize(device)
     alone = model_only(lambda: model(batch), args.batch, device, warmup=5, repeats=50)
     parts = components(args, adapter, device)
-    runs = [await end_to_end(args, model, device, samples) for samples in args.samples]
+    runs = [await end_to_end(args, model, device, samples, flatten) for samples in args.samples
+            for flatten in (("submit", "collate") if samples > 1 else ("submit",))]
 
     shape = (f"DLRM {len(SPARSE_KEYS)} x {args.num_embeddings} x {args.embedding_dim} tables, "
              f"{args.hidden}-wide MLPs")
@@ -116,7 +120,9 @@ async def main() -> None:
              f"{alone['ms_per_call']:.2f} ms per batch"]]
     for run in runs:
         ratio = run["items_per_s"] / alone["items_per_s"]
-        rows.append([f"{shape}: end to end, {run['samples_per_request']} sample(s) per request", str(args.batch),
+        where = ", flattened at collate" if run["flatten"] == "collate" else ""
+        rows.append([f"{shape}: end to end, {run['samples_per_request']} sample(s) per request{where}",
+                     str(args.batch),
                      f"{run['items_per_s']:.0f}", f"{100 * ratio:.0f}% of model only; mean "
                      f"{run['mean_samples_per_batch']:.0f} samples per batch; host CPU "
                      f"{run['cpu_us_per_request']:.0f} us per request"])

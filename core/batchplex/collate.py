@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["on_host", "host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors", "opaque_leaves"]
+__all__ = ["on_host", "host_buffer", "to_device", "copy_to_pinned_host", "stack_to_device", "split_rows", "map_tensors",
+           "opaque_leaves"]
 
 
 def on_host(tensor: torch.Tensor) -> torch.Tensor:

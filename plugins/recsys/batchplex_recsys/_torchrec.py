@@ -27,6 +27,7 @@ class Torchrec:
     """The few torchrec/fbgemm entry points the adapter uses."""
 
     KeyedJaggedTensor: type
+    JaggedTensor: type
     #: ``fbgemm::permute_1D_sparse_data(permute, lengths, values, weights, permuted_lengths_sum)``
     permute_1d: Callable
     #: ``fbgemm::asynchronous_complete_cumsum(lengths)``: offsets with a leading 0
@@ -38,10 +39,10 @@ def load() -> Torchrec:
     """Import torchrec and fbgemm once; raise `TorchrecMissingError` naming the cause and the fix."""
     try:
         import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
         ops = torch.ops.fbgemm
-        return Torchrec(KeyedJaggedTensor, ops.permute_1D_sparse_data, ops.asynchronous_complete_cumsum)
+        return Torchrec(KeyedJaggedTensor, JaggedTensor, ops.permute_1D_sparse_data, ops.asynchronous_complete_cumsum)
     except Exception as exc:  # ImportError, or OSError/RuntimeError from a CUDA build without a driver
         raise TorchrecMissingError(
             f"the 'recsys' plugin needs torchrec and fbgemm, and importing them failed: "

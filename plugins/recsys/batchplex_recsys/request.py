@@ -70,7 +70,7 @@ def prepare_request(spec: FeatureSpec, item: Any) -> PreparedRanking:
     The fast path first; every other form, and any request the fast path has a doubt about, is read feature by
     feature, which is slower but names the feature in its errors.
     """
-    sparse, dense, weights = _fields(item)
+    sparse, dense, weights = request_fields(item)
     if not sparse.keys() <= spec.index.keys():
         unknown = next(key for key in sparse if key not in spec.index)
         raise InvalidRequestError(f"unknown sparse feature key {unknown!r} (known: {', '.join(spec.keys)})",
@@ -93,7 +93,7 @@ def _one_sample(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
         weight_values = flat_weights(weights, spec.weighted, spec.index, counts)
         if weight_values is None:
             return None
-    _check_range(spec, values, counts)
+    check_range(spec, values, counts)
     return PreparedRanking(values, int64_tensor(counts), weight_values, row, 1, True)
 
 
@@ -133,7 +133,7 @@ def _jagged_samples(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
         return None
     if values.dtype is not torch.int64:
         values = values.to(torch.int64)
-    _check_range(spec, values, counts)
+    check_range(spec, values, counts)
     if lengths.dtype is not torch.int64:
         lengths = lengths.to(torch.int64)
     lengths, values, _ = transpose_segments(lengths.reshape(-1), values, None, len(spec.keys),
@@ -147,7 +147,7 @@ def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
     ids = _ids(spec, sparse)
     dense_rows = _dense(spec, dense)
     samples, single = _samples(spec, ids, dense_rows)
-    _check_range(spec, ids.values, ids.counts)
+    check_range(spec, ids.values, ids.counts)
     lengths = int64_tensor(list(itertools.chain.from_iterable(
         _sample_lengths(count, per_sample, samples) for count, per_sample in zip(ids.counts, ids.per_sample))))
     values = ids.values
@@ -158,7 +158,7 @@ def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
     return PreparedRanking(values, lengths, weight_values, _flat_dense(spec, dense_rows, samples), samples, single)
 
 
-def _fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
+def request_fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
     if isinstance(item, RankingRequest):
         sparse, dense, weights = item.sparse, item.dense, item.weights
     elif isinstance(item, Mapping):
@@ -232,7 +232,7 @@ def _samples(spec: FeatureSpec, ids: _Ids, dense_rows: torch.Tensor | None) -> t
     return samples, False
 
 
-def _check_range(spec: FeatureSpec, values: torch.Tensor, counts: list[int]) -> None:
+def check_range(spec: FeatureSpec, values: torch.Tensor, counts: list[int]) -> None:
     """Every id must be >= 0 and below its table's size (when the table size is configured); ``values`` holds
     ``counts[i]`` ids of key i, key by key.
 

@@ -1,0 +1,152 @@
+"""``flatten="collate"``: N-sample JaggedTensor requests are kept as given at submit and read a batch at a time.
+The batch must be exactly what requests prepared at submit give, and a request breaking a rule must fail alone,
+with the error it would have had at submit."""
+
+import asyncio
+import random
+
+import batchplex_recsys
+import pytest
+import torch
+from batchplex import BatchPolicy, InvalidRequestError, Scheduler
+from batchplex.testing import assert_same_result, check_adapter
+from batchplex_recsys import RankingAdapter, table_sizes_of
+from batchplex_recsys._jagged_batch import DeferredRanking, flatten_batch
+from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
+from batchplex_recsys.request import PreparedRanking
+from torchrec import JaggedTensor
+
+KEYS = ("a", "b", "c")
+SIZES = {"a": 10, "b": 20, "c": 30}
+
+
+def adapter(flatten="collate"):
+    return RankingAdapter().configure(keys=KEYS, table_sizes=SIZES, dense_dim=2, flatten=flatten)
+
+
+def jagged(rows, dtype=torch.int64, lengths_dtype=torch.int64):
+    return JaggedTensor(torch.tensor([i for row in rows for i in row], dtype=dtype),
+                        lengths=torch.tensor([len(row) for row in rows], dtype=lengths_dtype))
+
+
+def request(rng, samples, dtype=torch.int64):
+    rows = {key: [[rng.randrange(SIZES[key]) for _ in range(rng.randrange(4))] for _ in range(samples)]
+            for key in KEYS}
+    return {"sparse": {key: jagged(value, dtype, dtype) for key, value in rows.items()},
+            "dense": torch.tensor([[rng.random(), rng.random()] for _ in range(samples)])}
+
+
+def assert_same_batch(ours, theirs):
+    kjt, expected = ours.sparse_features, theirs.sparse_features
+    assert kjt.keys() == expected.keys() and kjt.stride() == expected.stride()
+    for name in ("values", "lengths", "offsets"):
+        assert torch.equal(getattr(kjt, name)(), getattr(expected, name)()), name
+    assert kjt.length_per_key() == expected.length_per_key()
+    assert kjt.offset_per_key() == expected.offset_per_key()
+    assert torch.equal(ours.dense_features, theirs.dense_features)
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_a_deferred_batch_collates_exactly_like_requests_prepared_at_submit(device, padding):
+    rng = random.Random(0)
+    requests = [request(rng, samples, dtype) for samples, dtype in ((1, torch.int64), (4, torch.int32),
+                                                                     (2, torch.int64), (7, torch.int32))]
+    deferred, submitted = adapter(), adapter("submit")
+    items = [deferred.prepare(r) for r in requests]
+    assert all(type(item) is DeferredRanking for item in items)
+    assert [deferred.cost(item) for item in items] == [1, 4, 2, 7]
+    assert flatten_batch(deferred.spec, items, padding) is not None  # read in one pass, not request by request
+    size = len(requests) + padding
+    assert_same_batch(deferred.collate(items, device, size),
+                      submitted.collate([submitted.prepare(r) for r in requests], device, size))
+
+
+def test_other_forms_are_prepared_at_submit_and_batch_with_deferred_ones(device):
+    rng = random.Random(1)
+    jagged_request = request(rng, 3)
+    lists = {"sparse": {"a": [[1], [2, 3]], "b": [[4], []]}, "dense": [[0, 1], [2, 3]]}  # "c" left out
+    one_sample = {"sparse": {"a": [1], "b": [2], "c": [3]}, "dense": [0.5, 0.5]}
+    ours = adapter()
+    items = [ours.prepare(r) for r in (jagged_request, lists, one_sample)]
+    assert [type(item) for item in items] == [DeferredRanking, PreparedRanking, PreparedRanking]
+    submitted = adapter("submit")
+    assert_same_batch(ours.collate(items, device, 4),
+                      submitted.collate([submitted.prepare(r) for r in (jagged_request, lists, one_sample)],
+                                        device, 4))
+    with pytest.raises(InvalidRequestError) as caught:  # refused at submit as before
+        ours.prepare({"sparse": {"a": [[1], [99]]}, "dense": [[0, 0], [0, 0]]})
+    assert caught.value.rule == "ids < table size"
+
+
+def _bad(kind):
+    good = {key: jagged([[1], [2, 3]]) for key in KEYS}
+    dense = torch.zeros(2, 2)
+    if kind == "ids < table size":
+        good["c"] = jagged([[1], [2, 30]])
+    elif kind == "ids >= 0":
+        good["b"] = jagged([[1], [-2, 3]])
+    elif kind == "same number of samples":
+        good["b"] = jagged([[1], [2], [3]])
+    elif kind == "ids lengths":
+        good["a"] = JaggedTensor(torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1]))
+    elif kind == "finite dense values":
+        dense = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
+    return {"sparse": good, "dense": dense}
+
+
+@pytest.mark.parametrize("kind", ["ids < table size", "ids >= 0", "same number of samples", "ids lengths",
+                                  "finite dense values"])
+def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind):
+    rng = random.Random(2)
+    ours = adapter()
+    bad = ours.prepare(_bad(kind))  # deferred: nothing is read at submit
+    assert type(bad) is DeferredRanking
+    batch = [ours.prepare(request(rng, 2)), bad, ours.prepare(request(rng, 1))]
+    assert flatten_batch(ours.spec, batch, 1) is None and flatten_batch(ours.spec, batch[::2], 1) is not None
+    with pytest.raises(InvalidRequestError) as caught:
+        ours.collate(batch, torch.device("cpu"), 4)
+    assert caught.value.rule == kind
+    with pytest.raises(InvalidRequestError) as at_submit:
+        adapter("submit").prepare(_bad(kind))
+    assert at_submit.value.rule == kind
+
+
+def test_dlrm_batched_equals_alone_with_deferred_requests(device):
+    model = build_dlrm().to(device)
+    ours = RankingAdapter().configure(keys=SPARSE_KEYS, table_sizes=table_sizes_of(model), dense_dim=DENSE_DIM,
+                                      flatten="collate")
+    rng = random.Random(3)
+    requests = [jagged_form(random_request(rng, samples=samples)) for samples in (4, 1, 7, 2)]
+    results = check_adapter(ours, requests, model, device=device, pad_to=6)
+    assert [tuple(result.shape) for result in results] == [(4, 1), (1, 1), (7, 1), (2, 1)]
+
+
+async def test_through_the_scheduler_only_the_bad_request_fails(device):
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = build_dlrm().to(device)
+    options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM}
+    rng = random.Random(4)
+    requests = [jagged_form(random_request(rng, samples=3)) for _ in range(7)]
+    bad = jagged_form(random_request(rng, samples=3))
+    bad.sparse[SPARSE_KEYS[5]] = JaggedTensor(torch.tensor([0, 1, 10**9]), lengths=torch.tensor([1, 1, 1]))
+    requests.insert(3, bad)
+    async with Scheduler(autoload=False, plugins=[batchplex_recsys]) as scheduler:
+        scheduler.add_workload("dlrm", adapter="ranking", adapter_options={**options, "flatten": "collate"},
+                               model=model, device=device, policy=BatchPolicy(max_batch_size=8, max_wait_ms=50))
+        results = await asyncio.gather(*(scheduler.submit("dlrm", r) for r in requests), return_exceptions=True)
+        stats = scheduler.statistics()["dlrm"]
+    error = results.pop(3)
+    assert isinstance(error, InvalidRequestError) and error.rule == "ids < table size" and error.value == 10**9
+    assert stats["completed"] == 7 and stats["failed"] == 1 and stats["batches"] >= 1
+    submitted = RankingAdapter().configure(**options)
+    for r, result in zip(requests[:3] + requests[4:], results):
+        item = submitted.prepare(r)
+        with torch.inference_mode():
+            alone = submitted.split(model(submitted.collate([item], device, 1)), [item])[0]
+        assert_same_result(result, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_flatten_option_is_checked():
+    with pytest.raises(ValueError, match="flatten"):
+        adapter("later")
