@@ -8,8 +8,9 @@ minutes):
   batch 8 on the CPU);
 * ``embed``: MiniLM-L6 fp16, 128-token pre-tokenized requests, batch 128, mean pooling, CUDA graphs (32 tokens,
   batch 8 on the CPU);
-* ``rank``: torchrec DLRM, 26 sparse + 13 dense features, 32 candidate samples per request, 2048 samples a batch
-  (256 on the CPU);
+* ``rank``: torchrec DLRM, 26 sparse + 13 dense features, 32 candidate samples per request (a JaggedTensor per
+  feature, ``flatten="collate"``: read a batch at a time on the collate thread, not request by request on the
+  event loop that every workload shares), 2048 samples a batch (256 on the CPU);
 * ``detect``: fasterrcnn_mobilenet_v3_large_320_fpn fp32, images with sides of 160-640 px, batch 8 (64-192 px,
   batch 2).
 
@@ -134,7 +135,8 @@ def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
         Spec("embed", "text", HFModel(bert), lambda rng: token_ids(rng, tokens), 128 if cuda else 8,
              adapter_options={"tokenizer": tokenizer, "max_length": tokens}, graphs=cuda),
         Spec("rank", "ranking", dlrm, rank_request, (2048 if cuda else 256) // samples,
-             adapter_options={"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(dlrm), "dense_dim": DENSE_DIM},
+             adapter_options={"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(dlrm), "dense_dim": DENSE_DIM,
+                              "flatten": "collate"},
              items_per_request=samples),
         Spec("detect", "detection", detector,
              lambda rng: uint8_image(rng, rng.randint(low, high), rng.randint(low, high)), 8 if cuda else 2,
