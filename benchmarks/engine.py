@@ -22,7 +22,8 @@ Measurements:
    fraction (device time of model work, from CUDA events, over wall time);
 3. **mixed**: all four workloads (or those ``--mix`` names) in one scheduler on one device, each under its own
    saturating load: each one's share of its solo throughput and the busy fraction (plus NVML's GPU utilization,
-   sampled, where available);
+   sampled, where available); then again with ``dedicated_executor=True`` for each (one executor and set of CUDA
+   streams per workload instead of one per device shared fairly);
 4. **overlap**: ``classify`` and ``embed`` alone with ``pipeline_depth=1`` (collate, run and finish one batch at a
    time) against the default 2 (batch k+1 collated and copied while batch k runs);
 5. **graphs**: ``classify`` at batch 1, 2, 4 and 8, eager against CUDA-graph replay, model only and end to end
@@ -85,10 +86,11 @@ class Spec:
         return BatchPolicy(max_batch_size=self.batch, max_wait_ms=max_wait_ms, max_queue=1 << 20,
                            preferred_batch_sizes=(self.batch,) if self.graphs else (), **self.policy_options)
 
-    def add_to(self, scheduler: Scheduler, device: torch.device, max_wait_ms: float) -> None:
+    def add_to(self, scheduler: Scheduler, device: torch.device, max_wait_ms: float,
+               dedicated: bool = False) -> None:
         scheduler.add_workload(self.name, adapter=self.adapter, model=self.model, device=device,
                                policy=self.policy(max_wait_ms), adapter_options=self.adapter_options,
-                               cuda_graphs=self.graphs)
+                               cuda_graphs=self.graphs, dedicated_executor=dedicated)
 
 
 def parse_args() -> argparse.Namespace:
@@ -177,11 +179,14 @@ class UtilizationSampler:
 
 
 async def run_load(specs: list[Spec], device: torch.device, args: argparse.Namespace, *,
-                   pipeline_depth: int | None = None) -> dict[str, Any]:
-    """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall."""
+                   pipeline_depth: int | None = None, dedicated: bool = False) -> dict[str, Any]:
+    """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall.
+
+    ``dedicated``: each workload with an executor (and CUDA streams) of its own. Their batches then overlap on
+    the device, so the sum of their device times is no busy fraction: NVML's utilization is the measure."""
     async with Scheduler(plugins=PLUGINS, autoload=False, pipeline_depth=pipeline_depth) as scheduler:
         for spec in specs:
-            spec.add_to(scheduler, device, args.max_wait_ms)
+            spec.add_to(scheduler, device, args.max_wait_ms, dedicated)
             await scheduler.warmup(spec.name, spec.make_request(random.Random(0)))  # every batch size: cuDNN plans
 
         async def window(seconds: float) -> list[dict[str, float]]:
@@ -259,16 +264,17 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
     print("solo", result["solo"], flush=True)
 
     mix = [spec for spec in specs if not args.mix or spec.name in args.mix]
-    mixed = await run_load(mix, device, args)
-    result["mixed"] = mixed
-    for spec in mix:
-        load = mixed["workloads"][spec.name]
-        share = load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"]
-        rows.append([f"{spec.name}: mixed", spec.batch_label, f"{load['items_per_s']:.0f}",
-                     f"{share:.0%} of alone", f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
-    rows.append([" + ".join(spec.name for spec in mix) + " at once", "", "", "", f"{mixed['busy_fraction']:.0%}",
-                 _nvml(mixed)])
-    print("mixed", mixed, flush=True)
+    for key, label, dedicated in (("mixed", "mixed", False), ("mixed_dedicated", "mixed, one executor each", True)):
+        mixed = result[key] = await run_load(mix, device, args, dedicated=dedicated)
+        for spec in mix:
+            load = mixed["workloads"][spec.name]
+            share = load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"]
+            rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}",
+                         f"{share:.0%} of alone", f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
+        busy = "n/a: batches overlap" if dedicated else f"{mixed['busy_fraction']:.0%}"
+        rows.append([" + ".join(spec.name for spec in mix) + f" at once ({label})", "", "", "", busy,
+                     _nvml(mixed)])
+        print(key, mixed, flush=True)
 
     result["overlap"] = {}
     for spec in specs[:2]:
@@ -322,11 +328,13 @@ def plot(result: dict[str, Any], stem: str) -> None:
     names = list(result["solo"])
     series = {"naive (one at a time)": [result["naive"][n]["items_per_s"] for n in names],
               "batchplex, alone": [result["solo"][n]["workloads"][n]["items_per_s"] for n in names],
-              "batchplex, mixed": [result["mixed"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]}
+              "batchplex, mixed": [result["mixed"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names],
+              "batchplex, mixed, one executor each": [
+                  result["mixed_dedicated"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]}
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    width = 0.27
+    width = 0.2
     for offset, (label, values) in enumerate(series.items()):
-        axis.bar([i + (offset - 1) * width for i in range(len(names))], values, width, label=label)
+        axis.bar([i + (offset - 1.5) * width for i in range(len(names))], values, width, label=label)
     axis.set_xticks(range(len(names)), names)
     axis.set_yscale("log")
     axis.set_ylabel("items/s (images, sequences, samples)")

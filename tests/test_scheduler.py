@@ -278,6 +278,25 @@ async def test_workloads_sharing_a_device_get_fair_device_time(scheduler):
     assert stats["fast"]["completed"] > 3 * stats["slow"]["completed"]
 
 
+async def test_a_dedicated_executor_runs_while_a_blocking_model_holds_the_shared_one(scheduler):
+    gate = Gate()  # a forward that blocks its thread, as one with host syncs does
+    policy = BatchPolicy(max_batch_size=1, max_wait_ms=0)
+    scheduler.add_workload("blocking", adapter=FakeAdapter(), model=gate, policy=policy)
+    scheduler.add_workload("shared", adapter=FakeAdapter(), model=lambda b: b + 1, policy=policy)
+    scheduler.add_workload("own", adapter=FakeAdapter(), model=lambda b: b + 2, policy=policy,
+                           dedicated_executor=True)
+    blocked = [asyncio.ensure_future(scheduler.submit("blocking", 1.0)) for _ in range(2)]  # both shared slots
+    await asyncio.to_thread(gate.entered.wait, 10)
+    shared = asyncio.ensure_future(scheduler.submit("shared", 1.0))
+    assert (await scheduler.submit("own", 1.0)).item() == 3.0
+    assert not shared.done() and not any(future.done() for future in blocked)  # still behind the gate
+    assert any(thread.name.startswith("batchplex-cpu-own-") for thread in threading.enumerate())
+    gate.release.set()
+    assert (await shared).item() == 2.0 and [(await f).item() for f in blocked] == [1.0, 1.0]
+    stats = scheduler.statistics()
+    assert stats["own"]["completed"] == 1 and stats["shared"]["completed"] == 1
+
+
 async def test_a_workload_on_two_devices_uses_both_replicas(scheduler):
     # "cpu" and "cpu:0" are distinct device keys, so this exercises two lanes (one replica each) on a CPU machine
     calls = {}

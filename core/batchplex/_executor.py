@@ -75,9 +75,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class DeviceExecutor:
     """Pipelined worker threads for one device (three on CUDA, two on the CPU); ``on_done(job)`` is called from
-    the thread of the last stage."""
+    the thread of the last stage. ``label`` names the threads (default: the device)."""
 
-    def __init__(self, device: torch.device, on_done: Callable[[BatchJob], None]) -> None:
+    def __init__(self, device: torch.device, on_done: Callable[[BatchJob], None], label: str | None = None) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         self._on_done = on_done
@@ -89,7 +89,7 @@ class DeviceExecutor:
             stages = (self._collate_stage, self._run_and_finish_stage)
         self._queues = [queue.SimpleQueue() for _ in stages]
         self._threads = [threading.Thread(target=self._serve, args=(i, stage), daemon=True,
-                                          name=f"batchplex-{device}-{stage.__name__.strip('_')}")
+                                          name=f"batchplex-{label or device}-{stage.__name__.strip('_')}")
                          for i, stage in enumerate(stages)]
         for thread in self._threads:
             thread.start()

@@ -22,12 +22,13 @@ __all__ = ["Lane", "Workload", "devices_of", "replicas_of"]
 
 
 class Lane:
-    """One device: its executor, the workloads placed on it, how many of their batches are in flight and how many
-    may be (``depth``)."""
+    """One device's executor: the workloads sharing it, how many of their batches are in flight and how many may be
+    (``depth``). A device has one shared lane, plus one per workload with a dedicated executor (``owner``)."""
 
-    def __init__(self, device: torch.device, depth: int) -> None:
+    def __init__(self, device: torch.device, depth: int, owner: str | None = None) -> None:
         self.device = device
         self.depth = depth
+        self.owner = owner
         self.executor: DeviceExecutor | None = None
         self.workloads: list[Workload] = []
         self.in_flight = 0
