@@ -117,7 +117,7 @@ class Scheduler:
         behind other workloads' in the shared collate, run and finish threads, and it leaves the device's fair
         share (``weight`` then has no effect). Why: a model whose forward blocks its thread (host syncs, as in
         torchvision's detectors) otherwise holds every other workload's launches for as long as it runs. With four
-        workloads on an H200, one executor each raised NVML's GPU utilization from 36% to 51-57%
+        workloads on an H200, one executor each raised NVML's GPU utilization from 36% to 49-57%
         (``benchmarks/engine.py``). Continuous (generation) workloads always run on a step loop of their own.
         """
         if name in self._workloads or name in self._continuous:

@@ -95,7 +95,9 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
         values = on_host(torch.cat(values_parts)).to(torch.int64)
     except RuntimeError:  # parts of different dimensions or on different devices
         return None
-    if lengths.dim() != 1 or values.dim() != 1 or not _lengths_match(lengths, ids_per_segment, segments * len(spec.keys)):
+    if lengths.dim() != 1 or values.dim() != 1:
+        return None
+    if not _lengths_match(lengths, ids_per_segment, segments * len(spec.keys)):
         return None
     width = len(segments)
     length_per_key = [sum(ids_per_segment[key * width:(key + 1) * width]) for key in range(len(spec.keys))]

@@ -15,6 +15,7 @@ Configure it per workload with ``adapter_options``:
   few operations per batch instead of about 20 per request on the event loop, which every workload of the
   scheduler shares). With ``"collate"`` such a request breaking a rule fails when its batch is collated, alone
   and with the same `InvalidRequestError` (the batch is bisected); other forms are still prepared at submit.
+  Such a request is read when its batch is collated: leave its tensors unchanged until its result arrives.
 
 The model is called with one `RankingBatch` (``dense_features``, ``sparse_features``: the field names of
 torchrec's own ``Batch``); wrap a torchrec ``DLRM`` in `RankingModel`.

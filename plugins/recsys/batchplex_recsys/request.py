@@ -159,6 +159,8 @@ def _any_form(spec: FeatureSpec, sparse: Mapping[str, Any], dense: Any,
 
 
 def request_fields(item: Any) -> tuple[Mapping[str, Any], Any, Mapping[str, Any]]:
+    """A request's (sparse, dense, weights) from a `RankingRequest` or a dict; refuses other types, unknown fields
+    and non-mapping ``sparse`` or ``weights``. The values themselves are read later."""
     if isinstance(item, RankingRequest):
         sparse, dense, weights = item.sparse, item.dense, item.weights
     elif isinstance(item, Mapping):
