@@ -62,8 +62,10 @@ def defer(spec: FeatureSpec, item: Any, jagged_type: type) -> DeferredRanking | 
     features = tuple(map(sparse.get, spec.keys))
     if not all(type(feature) is jagged_type for feature in features):
         return None
-    samples = features[0].lengths().shape[0]
-    return DeferredRanking(item, features, dense, samples) if samples else None
+    lengths = features[0].lengths()
+    if lengths.dim() != 1 or not lengths.shape[0]:  # prepared at submit, which names what is wrong
+        return None
+    return DeferredRanking(item, features, dense, lengths.shape[0])
 
 
 def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> FlatBatch | None:
@@ -71,14 +73,14 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
     breaks a rule (the caller then prepares each request alone to name it)."""
     counts = [item.samples for item in items]
     segments = [*counts, padding] if padding else counts  # one segment of lengths per request, and the padding
-    empty = torch.zeros(padding, dtype=torch.int64)
+    empty = torch.zeros(padding, dtype=torch.int64) if padding else None  # one empty sample per padding request
     values_parts, lengths_parts = [], []
     for key in range(len(spec.keys)):
         for item in items:
             feature = item.features[key]
             values_parts.append(feature.values())
             lengths_parts.append(feature.lengths())
-        if padding:
+        if empty is not None:
             lengths_parts.append(empty)
     # per part only what the concatenation would hide (it promotes dtypes); it refuses mixed dimensions itself
     if not ({part.dtype for part in values_parts} <= INTEGER_DTYPES
