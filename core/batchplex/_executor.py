@@ -260,6 +260,8 @@ class DeviceExecutor:
 
 def _per_request_error(workload: str, failure: BaseException) -> BaseException:
     if isinstance(failure, BatchplexError):
+        if getattr(failure, "workload", False) is None:  # e.g. bad input an adapter found only with its batch
+            failure.workload = workload
         return failure
     error = RequestFailed(f"workload {workload!r}: running this request failed: {type(failure).__name__}: "
                           f"{failure}")

@@ -118,7 +118,10 @@ class Scheduler:
         share (``weight`` then has no effect). Why: a model whose forward blocks its thread (host syncs, as in
         torchvision's detectors) otherwise holds every other workload's launches for as long as it runs. With four
         workloads on an H200, one executor each raised NVML's GPU utilization from 36% to 49-57%
-        (``benchmarks/engine.py``). Continuous (generation) workloads always run on a step loop of their own.
+        (``benchmarks/engine.py``). Continuous (generation) workloads always run on a step loop of their own. With
+        ``cuda_graphs`` elsewhere on the device, call `warmup` before traffic: a random op that a dedicated
+        executor runs while another workload captures a graph can fail (PyTorch marks the device's random
+        generator for the whole capture).
         """
         if name in self._workloads or name in self._continuous:
             raise ValueError(f"a workload named {name!r} exists already")

@@ -70,7 +70,11 @@ def int64_tensor(numbers: Iterable[Any]) -> torch.Tensor | None:
 
 def _from_jagged_tensor(key: str, raw: Any, what: str) -> tuple[torch.Tensor, list[int]]:
     """A torchrec ``JaggedTensor`` (one row per sample): the cheapest N-sample form, no per-sample work."""
-    values, lengths = raw.values(), raw.lengths().tolist()
+    values, lengths = raw.values(), raw.lengths()
+    if lengths.dim() != 1:
+        raise InvalidRequestError(f"feature {key!r}: a JaggedTensor's lengths must be 1-D (one per sample), got shape "
+                                  f"{tuple(lengths.shape)}", rule=f"{what} lengths", value=tuple(lengths.shape))
+    lengths = lengths.tolist()
     if lengths and min(lengths) < 0:
         raise InvalidRequestError(f"feature {key!r}: the JaggedTensor's lengths must be >= 0, got {min(lengths)}",
                                   rule=f"{what} lengths", value=min(lengths))

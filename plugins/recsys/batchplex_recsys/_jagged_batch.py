@@ -10,7 +10,9 @@ range check of the ids and one of the dense values for the whole batch.
 
 A request breaking a rule is then found with its batch, not at submit: `flatten_batch` returns None, the adapter
 prepares each request alone with `prepare_request` (which raises the precise `InvalidRequestError`), and the
-executor bisects the batch so that only that request fails, with the same error it would have had at submit.
+executor bisects the batch so that only that request fails, with the same error it would have had at submit
+(counted as failed, not rejected at submit). Only host tensors are kept: the collate thread reads on its own
+stream, which does not wait for kernels the caller may still be running on its tensors.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from typing import Any
 
 import torch
 from batchplex import InvalidRequestError
-from batchplex.collate import on_host
 
-from ._jagged import INTEGER_DTYPES, int64_tensor
+from ._jagged import EMPTY_IDS, INTEGER_DTYPES, int64_tensor
 from .request import check_range, request_fields
 from .spec import FeatureSpec
 
@@ -62,6 +63,10 @@ def defer(spec: FeatureSpec, item: Any, jagged_type: type) -> DeferredRanking | 
     features = tuple(map(sparse.get, spec.keys))
     if not all(type(feature) is jagged_type for feature in features):
         return None
+    # host tensors only: the collate thread reads on its own stream, which does not wait for the caller's kernels
+    if not (all(feature.values().is_cpu and feature.lengths().is_cpu for feature in features)
+            and (type(dense) is not torch.Tensor or dense.is_cpu)):
+        return None
     lengths = features[0].lengths()
     if lengths.dim() != 1 or not lengths.shape[0]:  # prepared at submit, which names what is wrong
         return None
@@ -82,20 +87,22 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
             lengths_parts.append(feature.lengths())
         if empty is not None:
             lengths_parts.append(empty)
+    ids_per_segment = [part.numel() for part in values_parts]
+    # empty parts, whatever their dtype, hold no ids: left out, as at submit
+    values_parts = [part for part, ids in zip(values_parts, ids_per_segment) if ids]
     # per part only what the concatenation would hide (it promotes dtypes); it refuses mixed dimensions itself
     if not ({part.dtype for part in values_parts} <= INTEGER_DTYPES
             and {part.dtype for part in lengths_parts} <= INTEGER_DTYPES
             and [part.numel() for part in lengths_parts] == segments * len(spec.keys)):
         return None
-    ids_per_segment = [part.numel() for part in values_parts]
     if padding:  # the padding segment of every key holds no ids
         width = len(items)
         ids_per_segment = [n for key in range(len(spec.keys)) for n in
                            (*ids_per_segment[key * width:(key + 1) * width], 0)]
     try:
-        lengths = on_host(torch.cat(lengths_parts)).to(torch.int64)
-        values = on_host(torch.cat(values_parts)).to(torch.int64)
-    except RuntimeError:  # parts of different dimensions or on different devices
+        lengths = torch.cat(lengths_parts).to(torch.int64)
+        values = torch.cat(values_parts).to(torch.int64) if values_parts else EMPTY_IDS
+    except RuntimeError:  # parts of different dimensions
         return None
     if lengths.dim() != 1 or values.dim() != 1:
         return None
@@ -138,8 +145,6 @@ def _dense_rows(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: in
         return None
     if padding:
         parts.append(torch.zeros(padding, width))
-    try:
-        rows = on_host(torch.cat(parts)).to(torch.float32)
-    except RuntimeError:
-        return None
+    # each part to float32 first, as at submit: a cat would promote ints beside float16 rows to float16
+    rows = torch.cat([part if part.dtype is torch.float32 else part.to(torch.float32) for part in parts])
     return rows if bool(torch.isfinite(rows).all()) else None

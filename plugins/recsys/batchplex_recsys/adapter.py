@@ -14,7 +14,9 @@ Configure it per workload with ``adapter_options``:
   ``JaggedTensor``s, without weights, are kept as given and read a batch at a time on the collate thread: a
   few operations per batch instead of about 20 per request on the event loop, which every workload of the
   scheduler shares). With ``"collate"`` such a request breaking a rule fails when its batch is collated, alone
-  and with the same `InvalidRequestError` (the batch is bisected); other forms are still prepared at submit.
+  and with the same `InvalidRequestError` (the batch is bisected; it counts as ``failed``, not
+  ``rejected_invalid``); other forms are still prepared at submit. Only host tensors are kept: a request with
+  CUDA tensors is prepared at submit, on the caller's stream.
   Such a request is read when its batch is collated: leave its tensors unchanged until its result arrives.
 
 The model is called with one `RankingBatch` (``dense_features``, ``sparse_features``: the field names of
@@ -126,8 +128,7 @@ class RankingAdapter(Adapter[PreparedRanking]):
             if flat is not None:
                 return self._batch(flat.lengths, flat.values, None, flat.dense, flat.samples, flat.length_per_key,
                                    device)
-            items = [prepare_request(spec, item.request) if type(item) is DeferredRanking else item
-                     for item in items]
+            items = [_prepare_deferred(spec, item) if type(item) is DeferredRanking else item for item in items]
         keys = len(spec.keys)
         samples = sum(item.samples for item in items) + padding
         values = torch.cat([item.values for item in items])
@@ -174,6 +175,18 @@ class RankingAdapter(Adapter[PreparedRanking]):
             results.append(_rows(output, start, start + item.samples, item.single))
             start += item.samples
         return results
+
+
+def _prepare_deferred(spec: FeatureSpec, item: DeferredRanking) -> PreparedRanking:
+    """A deferred request prepared alone, as at submit: anything it breaks raises `InvalidRequestError`, also an
+    error the checks did not foresee (which at submit the scheduler would have turned into one)."""
+    try:
+        return prepare_request(spec, item.request)
+    except InvalidRequestError:
+        raise
+    except Exception as error:
+        raise InvalidRequestError(f"adapter 'ranking' could not prepare this request: {type(error).__name__}: "
+                                  f"{error}", rule="adapter.prepare", value=type(item.request).__name__) from error
 
 
 def _rows(output: Any, start: int, stop: int, single: bool) -> Any:

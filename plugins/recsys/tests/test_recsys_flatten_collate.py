@@ -61,6 +61,31 @@ def test_a_deferred_batch_collates_exactly_like_requests_prepared_at_submit(devi
                       submitted.collate([submitted.prepare(r) for r in requests], device, size))
 
 
+def test_dense_rows_and_empty_features_read_in_one_pass_as_at_submit():
+    """Each dense part goes to float32 alone (a concatenation would turn ints beside float16 rows into float16),
+    and empty ids of any dtype (``torch.tensor([])`` is float32) hold no ids, as at submit."""
+    empty = JaggedTensor(torch.tensor([]), lengths=torch.tensor([0, 0]))
+    requests = [{"sparse": {"a": jagged([[1], [2]]), "b": empty, "c": jagged([[3], []])},
+                 "dense": torch.tensor([[2049, 1], [1, 1]])},
+                {"sparse": {key: jagged([[4], [5, 6]]) for key in KEYS}, "dense": torch.zeros(2, 2).half()}]
+    ours, submitted = adapter(), adapter("submit")
+    items = [ours.prepare(r) for r in requests]
+    assert flatten_batch(ours.spec, items, 0) is not None
+    batch = ours.collate(items, torch.device("cpu"), 2)
+    assert batch.dense_features[0].tolist() == [2049.0, 1.0]
+    assert_same_batch(batch, submitted.collate([submitted.prepare(r) for r in requests], torch.device("cpu"), 2))
+
+
+@pytest.mark.gpu
+def test_requests_holding_cuda_tensors_are_prepared_at_submit():
+    """The collate thread reads on its own stream, which does not wait for the caller's kernels."""
+    on_gpu = {"sparse": {key: JaggedTensor(torch.tensor([1, 2], device="cuda"), lengths=torch.tensor([1, 1]))
+                         for key in KEYS}, "dense": torch.zeros(2, 2)}
+    assert type(adapter().prepare(on_gpu)) is PreparedRanking
+    on_gpu_dense = {"sparse": {key: jagged([[1], [2]]) for key in KEYS}, "dense": torch.zeros(2, 2, device="cuda")}
+    assert type(adapter().prepare(on_gpu_dense)) is PreparedRanking
+
+
 def test_other_forms_are_prepared_at_submit_and_batch_with_deferred_ones(device):
     rng = random.Random(1)
     jagged_request = request(rng, 3)
@@ -89,14 +114,18 @@ def _bad(kind):
         good["b"] = jagged([[1], [2], [3]])
     elif kind == "ids lengths":
         good["a"] = JaggedTensor(torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1]))
+    elif kind == "2-D lengths":  # on a key other than the first, whose lengths give the sample count at submit
+        good["b"] = JaggedTensor(torch.tensor([3]), lengths=torch.tensor([[0, 1]]))
     elif kind == "finite dense values":
         dense = torch.tensor([[0.0, float("nan")], [0.0, 0.0]])
     return {"sparse": good, "dense": dense}
 
 
-@pytest.mark.parametrize("kind", ["ids < table size", "ids >= 0", "same number of samples", "ids lengths",
-                                  "finite dense values"])
-def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind):
+@pytest.mark.parametrize(("kind", "rule"), [
+    ("ids < table size", "ids < table size"), ("ids >= 0", "ids >= 0"),
+    ("same number of samples", "same number of samples"), ("ids lengths", "ids lengths"),
+    ("2-D lengths", "ids lengths"), ("finite dense values", "finite dense values")])
+def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind, rule):
     rng = random.Random(2)
     ours = adapter()
     bad = ours.prepare(_bad(kind))  # deferred: nothing is read at submit
@@ -105,10 +134,10 @@ def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind):
     assert flatten_batch(ours.spec, batch, 1) is None and flatten_batch(ours.spec, batch[::2], 1) is not None
     with pytest.raises(InvalidRequestError) as caught:
         ours.collate(batch, torch.device("cpu"), 4)
-    assert caught.value.rule == kind
+    assert caught.value.rule == rule
     with pytest.raises(InvalidRequestError) as at_submit:
         adapter("submit").prepare(_bad(kind))
-    assert at_submit.value.rule == kind
+    assert at_submit.value.rule == rule
 
 
 def test_dlrm_batched_equals_alone_with_deferred_requests(device):
@@ -138,6 +167,7 @@ async def test_through_the_scheduler_only_the_bad_request_fails(device):
         stats = scheduler.statistics()["dlrm"]
     error = results.pop(3)
     assert isinstance(error, InvalidRequestError) and error.rule == "ids < table size" and error.value == 10**9
+    assert error.workload == "dlrm" and str(error).startswith("workload 'dlrm':")
     assert stats["completed"] == 7 and stats["failed"] == 1 and stats["batches"] >= 1
     submitted = RankingAdapter().configure(**options)
     for r, result in zip(requests[:3] + requests[4:], results):
