@@ -3,10 +3,11 @@
 Why: prepared at submit, a 32-sample request of 26 ``JaggedTensor`` features costs about 20 tensor operations on
 the event loop, and under load each one waits to take the GIL back from the executor threads. With four
 workloads sharing an H200, the ranking requests' preparation alone kept the event loop 77% busy and held every
-other workload back. Deferred, a request costs a few attribute reads at submit (`defer`), and its batch is read
-in one pass on the collate thread (`flatten_batch`): one concatenation of every request's lengths and one of
-its ids, already in the key-major order a `KeyedJaggedTensor` wants (no transpose), one check of the lengths, one
-range check of the ids and one of the dense values for the whole batch.
+other workload back. Deferred, a request costs a few attribute reads per feature at submit (`defer`: about 10 µs
+instead of 120 on a 2-core CPU), and its batch is read in one pass on the collate thread (`flatten_batch`): one
+concatenation of every request's lengths and one of its ids, already in the key-major order a `KeyedJaggedTensor`
+wants (no transpose), one check of the lengths, one range check of the ids and one of the dense values for the
+whole batch.
 
 A request breaking a rule is then found with its batch, not at submit: `flatten_batch` returns None, the adapter
 prepares each request alone with `prepare_request` (which raises the precise `InvalidRequestError`), and the
