@@ -25,7 +25,8 @@ Measurements:
    sampled, where available); then again with ``dedicated_executor=True`` for each (one executor and set of CUDA
    streams per workload instead of one per device shared fairly);
 4. **overlap**: ``classify`` and ``embed`` alone with ``pipeline_depth=1`` (collate, run and finish one batch at a
-   time) against the default 2 (batch k+1 collated and copied while batch k runs);
+   time) against the default, one batch per executor stage (3 on CUDA: batch k+2 collates and copies while k+1
+   runs and k's results come back; 2 on the CPU);
 5. **graphs**: ``classify`` at batch 1, 2, 4 and 8, eager against CUDA-graph replay, model only and end to end
    (CUDA only).
 

@@ -228,8 +228,8 @@ class AdaptiveBatching:
             if not isinstance(objective, LatencyObjective):
                 objective = LatencyObjective(ms=objective)
             workload = workloads[name]
-            controller = LatencyController(objective, workload.policy, pipeline_depth=max(lane.depth for lane in workload.lanes),
-                                           **controller_options)
+            depth = max(lane.depth for lane in workload.lanes)
+            controller = LatencyController(objective, workload.policy, pipeline_depth=depth, **controller_options)
             self.controllers[name] = controller
             self._queues[name] = workload.queue
             self._apply(name, Knobs(controller.limit, controller.max_wait_s))

@@ -615,8 +615,7 @@ class Scheduler:
             self._idle.set()
 
     def _new_executor(self, lane: Lane) -> DeviceExecutor:
-        label = str(lane.device) if lane.owner is None else f"{lane.device}-{lane.owner}"
-        return DeviceExecutor(lane.device, self._job_done, label=label)
+        return DeviceExecutor(lane.device, self._job_done, label=lane.owner and f"{lane.device}-{lane.owner}")
 
     # ------------------------------------------------------------------ observing
     def statistics(self) -> dict[str, dict[str, Any]]:

@@ -2,11 +2,11 @@
 
 A request is tokenized once at submit, without padding (`TextEncoder`); its cost is its token count, so the
 core's ``bucket_edges`` and ``max_batch_cost`` count tokens. With ``tokenize="collate"`` texts are tokenized per
-batch instead, on the executor's collate thread, in one call the tokenizer runs on all its threads. A batch is padded to its longest member rounded up to
-``pad_to_multiple_of`` (tensor cores like multiples of 8), in one pinned host buffer moved with one copy
-(`pad_batch`). The model gets one dict: wrap a Hugging Face model in `HFModel` so it is called as
-``model(**batch)``. What comes back per request depends on ``output``; reductions run on the device in
-``postprocess`` so only the reduced tensor is copied back.
+batch instead, on the executor's collate thread, in one call the tokenizer runs on all its threads. A batch is
+padded to its longest member rounded up to ``pad_to_multiple_of`` (tensor cores like multiples of 8), in one
+pinned host buffer moved with one copy (`pad_batch`). The model gets one dict: wrap a Hugging Face model in
+`HFModel` so it is called as ``model(**batch)``. What comes back per request depends on ``output``; reductions
+run on the device in ``postprocess`` so only the reduced tensor is copied back.
 """
 
 from __future__ import annotations

@@ -80,26 +80,23 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
     counts = [item.samples for item in items]
     segments = [*counts, padding] if padding else counts  # one segment of lengths per request, and the padding
     empty = torch.zeros(padding, dtype=torch.int64) if padding else None  # one empty sample per padding request
-    values_parts, lengths_parts = [], []
+    values_parts, lengths_parts, ids_per_segment = [], [], []
     for key in range(len(spec.keys)):
         for item in items:
             feature = item.features[key]
-            values_parts.append(feature.values())
+            values = feature.values()
+            ids_per_segment.append(values.numel())
+            if ids_per_segment[-1]:  # empty parts, whatever their dtype, hold no ids: left out, as at submit
+                values_parts.append(values)
             lengths_parts.append(feature.lengths())
-        if empty is not None:
+        if empty is not None:  # the padding segment holds no ids
             lengths_parts.append(empty)
-    ids_per_segment = [part.numel() for part in values_parts]
-    # empty parts, whatever their dtype, hold no ids: left out, as at submit
-    values_parts = [part for part, ids in zip(values_parts, ids_per_segment) if ids]
+            ids_per_segment.append(0)
     # per part only what the concatenation would hide (it promotes dtypes); it refuses mixed dimensions itself
     if not ({part.dtype for part in values_parts} <= INTEGER_DTYPES
             and {part.dtype for part in lengths_parts} <= INTEGER_DTYPES
             and [part.numel() for part in lengths_parts] == segments * len(spec.keys)):
         return None
-    if padding:  # the padding segment of every key holds no ids
-        width = len(items)
-        ids_per_segment = [n for key in range(len(spec.keys)) for n in
-                           (*ids_per_segment[key * width:(key + 1) * width], 0)]
     try:
         lengths = torch.cat(lengths_parts).to(torch.int64)
         values = torch.cat(values_parts).to(torch.int64) if values_parts else EMPTY_IDS
@@ -109,8 +106,8 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
         return None
     if not _lengths_match(lengths, ids_per_segment, segments * len(spec.keys)):
         return None
-    width = len(segments)
-    length_per_key = [sum(ids_per_segment[key * width:(key + 1) * width]) for key in range(len(spec.keys))]
+    per_key = len(segments)
+    length_per_key = [sum(ids_per_segment[key * per_key:(key + 1) * per_key]) for key in range(len(spec.keys))]
     try:
         check_range(spec, values, length_per_key)
     except InvalidRequestError:

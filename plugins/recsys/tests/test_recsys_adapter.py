@@ -258,7 +258,8 @@ def test_bad_requests_are_refused_naming_rule_and_value(request_, rule, value):
 @pytest.mark.parametrize(("weights", "rule"), [
     ({}, "one weight per id"), ({"a": [1.0]}, "one weight per id"), ({"a": [1.0, float("nan")]}, "finite weights"),
     ({"a": torch.tensor([1.0, float("inf")])}, "finite weights"), ({"a": [True, False]}, "numeric weights"),
-    ({"a": [Decimal("0.5"), Decimal("1")]}, "numeric weights"), ({"b": [1.0]}, "weighted feature key"), ({"q": [1.0]}, "known feature key")])
+    ({"a": [Decimal("0.5"), Decimal("1")]}, "numeric weights"), ({"b": [1.0]}, "weighted feature key"),
+    ({"q": [1.0]}, "known feature key")])
 def test_bad_weights_are_refused(weights, rule):
     adapter = small_adapter(weighted_keys=["a"])
     with pytest.raises(InvalidRequestError) as caught:
