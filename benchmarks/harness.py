@@ -46,6 +46,16 @@ def _cpu_name() -> str:
     return "CPU: " + (platform.processor() or "unknown")
 
 
+def graph_batch_sizes(batch: int, count: int = 4) -> tuple[int, ...]:
+    """The preferred batch sizes of a graphed run: ``batch`` and the ``count - 1`` halvings below it (64: 8, 16,
+    32, 64).
+
+    Why several: with ``batch`` alone every batch is padded to it, so at half load (batches half full) the device
+    runs full-size batches for half the requests and is as busy as at full load; queues then form and the
+    latency is that of a saturated device."""
+    return tuple(sorted({max(1, batch >> shift) for shift in range(count)}))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

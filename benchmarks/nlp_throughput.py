@@ -9,7 +9,8 @@ fp32 on the CPU), ``text`` adapter with mask-aware mean pooling on the device, 1
   before submitting again; requests as pre-tokenized ids (int32 arrays), and as texts tokenized at submit: on
   the event loop, with ``--text-pool W`` on W threads through ``submit_nowait``, and per batch on the collate
   thread (``tokenize="collate"``: one call for the batch, spread over the tokenizer's threads);
-* latency at half load: open-loop Poisson arrivals at 50% of the end-to-end rate of ids, p50/p99;
+* latency at half load: open-loop Poisson arrivals at 50% of the end-to-end rate of ids (eager, and graphed on
+  CUDA, each at half its own rate), p50/p99;
 * a mixed-length stream (log-normal 5-512 tokens, pre-tokenized) at saturating load, in arrival order and with
   ``bucket_edges=(16, 32, 64, 128, 256, 512)``: sequences/s, real tokens/s, and the padded fraction of the
   tokens the model ran on (``statistics()["padding_waste"]``).
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import model_only, open_loop, saturate, write_results
+from harness import graph_batch_sizes, model_only, open_loop, saturate, write_results
 from nlp_common import ThreadedSubmit, lognormal_length, text, token_ids
 
 from batchplex import BatchPolicy, GraphedModel, Scheduler
@@ -48,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per request of the fixed-length runs")
     parser.add_argument("--concurrency", type=int, help="closed-loop submitters (default: 4x the batch)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--dispatch-when-idle", action="store_true",
+                        help="BatchPolicy(dispatch_when_idle=True): a batch leaves at once while the device is idle")
     parser.add_argument("--duration", type=float, help="seconds per measured window (default: 8 cuda, 4 cpu)")
     parser.add_argument("--text-pool", type=int, help="threads that tokenize texts (default: 8 cuda, 0 = skip)")
     parser.add_argument("--random-weights", action="store_true", help="MiniLM from config.json, random weights")
@@ -70,9 +73,10 @@ async def measure(args: argparse.Namespace, tokenizer, model, device: torch.devi
                   rate: float | None = None, graphs: bool = False, tokenize: str = "submit") -> dict[str, Any]:
     """One workload on a fresh scheduler: a short warm-up, then saturating load (or Poisson load at ``rate``).
 
-    ``graphs`` replays the model as CUDA graphs, every batch padded to ``--batch`` rows."""
+    ``graphs`` replays the model as CUDA graphs, one per preferred batch size (`graph_batch_sizes`)."""
     policy = BatchPolicy(max_batch_size=args.batch, max_wait_ms=args.max_wait_ms, bucket_edges=buckets,
-                         max_queue=1 << 20, preferred_batch_sizes=(args.batch,) if graphs else ())
+                         max_queue=1 << 20, preferred_batch_sizes=graph_batch_sizes(args.batch) if graphs else (),
+                         dispatch_when_idle=args.dispatch_when_idle)
     async with Scheduler() as scheduler:
         scheduler.add_workload("embed", adapter=TextAdapter(tokenizer, max_length=max_length, tokenize=tokenize),
                                model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
@@ -126,8 +130,9 @@ async def main() -> None:
             args, tokenizer, model, device, fixed["texts, tokenized on the loop"], max_length=seq,
             pool=args.text_pool)
     print("end to end", e2e, flush=True)
-    half = await measure(args, tokenizer, model, device, fixed["ids"], max_length=seq,
-                         rate=0.5 * e2e["ids"]["items_per_s"])
+    half = {kind: await measure(args, tokenizer, model, device, fixed["ids"], max_length=seq,
+                                rate=0.5 * e2e[kind]["items_per_s"], graphs="graph" in kind)
+            for kind in e2e if kind.startswith("ids")}
     print("half load", half, flush=True)
 
     def mixed(rng: random.Random) -> Any:
@@ -146,14 +151,15 @@ async def main() -> None:
               f"{r['items_per_s'] / ceiling_rate:.0%}" + (f" ({r['items_per_s'] / graph_rate:.0%} of the graph)"
                                                          if "graph" in kind and graph_rate else ""),
               "", "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"] for kind, r in e2e.items()]
-    rows.append([f"open loop at 50% ({half['rate']:.0f}/s), {seq}-token ids", f"{half['requests'] / args.duration:.0f}",
-                 "", f"{half['p50_ms']:.1f}", f"{half['p99_ms']:.1f}", f"{half['padding_waste']:.0%}",
-                 f"{half['mean_batch']:.1f}"])
+    rows += [[f"open loop at 50% ({r['rate']:.0f}/s), {seq}-token {kind}", f"{r['requests'] / args.duration:.0f}",
+              "", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"]
+             for kind, r in half.items()]
     rows += [[f"mixed 5-512 tokens, {kind} ({r['tokens_per_s']:.0f} tokens/s)", f"{r['items_per_s']:.0f}", "", "",
               "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"] for kind, r in streams.items()]
     header = ["measurement", "sequences/s", "of model only", "p50 ms", "p99 ms", "padded tokens", "mean batch"]
     payload = {"model": f"MiniLM-L6 ({'random' if args.random_weights else 'real'} weights), {dtype}",
                "args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
+               "graph_batch_sizes": graph_batch_sizes(args.batch),
                "model_only": only, "end_to_end": e2e, "half_load": half, "mixed_lengths": streams}
     path = write_results(args.out, payload, rows, header)
     print(path.read_text())

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torchvision
-from harness import model_only, open_loop, saturate, write_results
+from harness import graph_batch_sizes, model_only, open_loop, saturate, write_results
 from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, help="image side in pixels (default: 224 on cuda, 112 on cpu)")
     parser.add_argument("--concurrency", type=int, help="closed-loop submitters (default: 4x the batch)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--dispatch-when-idle", action="store_true",
+                        help="BatchPolicy(dispatch_when_idle=True): a batch leaves at once while the device is idle")
     parser.add_argument("--duration", type=float, help="seconds per measured window (default: 10 cuda, 5 cpu)")
     parser.add_argument("--detection-batch", type=int, help="detection max batch size (default: 8 cuda, 2 cpu)")
     parser.add_argument("--detection-max-side", type=int, help="largest image side (default: 640 cuda, 192 cpu)")
@@ -95,7 +97,9 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
     print(f"model only {alone}", flush=True)
     name = f"{args.model} {str(dtype)[6:]} {args.size}x{args.size} uint8"
     result = {"model": args.model, "dtype": str(dtype), "image": [3, args.size, args.size], "batch": args.batch,
-              "concurrency": args.concurrency, "max_wait_ms": args.max_wait_ms, "model_only": alone}
+              "concurrency": args.concurrency, "max_wait_ms": args.max_wait_ms,
+              "graph_batch_sizes": graph_batch_sizes(args.batch), "dispatch_when_idle": args.dispatch_when_idle,
+              "model_only": alone}
     rows = [[f"{name}: model only", "1", f"{alone['batch_1']['items_per_s']:.0f}", "", "", ""],
             [f"{name}: model only", str(args.batch), f"{alone['batch']['items_per_s']:.0f}", "", "", ""]]
     if cuda:
@@ -129,11 +133,12 @@ async def end_to_end(args: argparse.Namespace, model: torch.nn.Module, device: t
                      graphs: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Saturating closed-loop load, then open-loop load at half the throughput it reached, on one workload.
 
-    ``graphs`` replays the model as a CUDA graph (every batch padded to ``--batch``, one captured shape).
+    ``graphs`` replays the model as CUDA graphs, one per preferred batch size (`graph_batch_sizes`).
     """
     make = lambda rng: uint8_image(rng, args.size, args.size)  # noqa: E731
     policy = BatchPolicy(max_batch_size=args.batch, max_wait_ms=args.max_wait_ms, max_queue=1 << 20,
-                         preferred_batch_sizes=(args.batch,) if graphs else ())
+                         preferred_batch_sizes=graph_batch_sizes(args.batch) if graphs else (),
+                         dispatch_when_idle=args.dispatch_when_idle)
     async with Scheduler(plugins=[batchplex_vision], autoload=False) as scheduler:
         scheduler.add_workload("classify", adapter="image", model=model, device=device, policy=policy,
                                cuda_graphs=graphs,
