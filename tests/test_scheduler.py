@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import batchplex
-from batchplex import BatchPolicy, Scheduler
+from batchplex import BatchPolicy, BatchRecord, Scheduler
+from batchplex.metrics import busy_time
 from batchplex.testing import FakeAdapter, wait_until
 
 
@@ -373,3 +374,46 @@ async def test_batch_records_show_where_each_batch_spent_its_trip():
         assert record.pipeline_s >= record.collate_s + record.launch_s + record.finish_s
     assert stats["stage_ms_mean"]["collate"] >= 20 and stats["stage_ms_mean"]["launch"] >= 30
     assert stats["pipeline_ms"]["p50"] >= 50
+
+
+def test_busy_time_counts_overlapping_batches_once():
+    def record(start, end):
+        return BatchRecord(workload="w", device="cpu", size=1, padded_size=1, cost=1, padded_cost=1, max_wait_s=0.0,
+                           run_s=0.0 if start is None else end - start, failed=0, retried=start is None,
+                           device_start_s=start, device_end_s=end)
+
+    spans = [(0.0, 1.0), (0.5, 2.0), (0.6, 0.9), (3.0, 4.0), (None, None), (4.0, 4.5)]
+    assert busy_time(record(*span) for span in spans) == pytest.approx(3.5)  # [0, 2] + [3, 4.5]
+    assert busy_time([]) == 0.0
+
+
+async def test_batches_of_dedicated_executors_overlap_on_the_device_clock(device):
+    """Two workloads with executors of their own run at the same time: the union of their device spans is the busy
+    time, well under the sum of their run times. On CUDA the spans come from events against one device epoch."""
+    records = []
+
+    class Observer:
+        @batchplex.hookimpl
+        def batch_finished(self, record):
+            records.append(record)
+
+    def slow(batch):  # on CUDA a kernel that keeps the GPU busy for a while, on the CPU a sleep
+        if batch.is_cuda:
+            torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time
+        else:
+            time.sleep(0.02)
+        return batch + 1
+
+    policy = BatchPolicy(max_batch_size=1, max_wait_ms=0)
+    async with Scheduler(autoload=False, plugins=[Observer()]) as scheduler:
+        for name in ("a", "b"):
+            scheduler.add_workload(name, adapter=FakeAdapter(), model=slow, device=device, policy=policy,
+                                   dedicated_executor=True)
+        results = await asyncio.gather(*(scheduler.submit(name, float(i)) for i in range(6) for name in "ab"))
+    assert [r.item() for r in results] == [float(i) + 1 for i in range(6) for _ in "ab"]
+    assert len(records) == 12
+    for r in records:
+        assert r.device_start_s is not None and r.device_end_s >= r.device_start_s
+        assert r.device_end_s - r.device_start_s == pytest.approx(r.run_s, rel=0.05, abs=1e-4)
+    total = sum(r.run_s for r in records)
+    assert busy_time(records) < 0.8 * total  # the two workloads' batches ran side by side

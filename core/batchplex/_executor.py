@@ -41,7 +41,7 @@ class BatchJob:
 
     __slots__ = ("workload", "requests", "items", "padded_size", "model", "owner", "waited_s", "inputs", "output",
                  "error", "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried",
-                 "batch_error", "dispatched", "collate_s", "launch_s", "finish_s")
+                 "batch_error", "dispatched", "collate_s", "launch_s", "finish_s", "device_start_s", "device_end_s")
 
     def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
                  waited_s: float = 0.0) -> None:
@@ -67,6 +67,24 @@ class BatchJob:
         # Host clock (perf_counter): when the batch left the queue, and the time spent inside each stage.
         self.dispatched = time.perf_counter()
         self.collate_s = self.launch_s = self.finish_s = 0.0
+        # When the model work began and ended on the device's clock (see `device_epoch`); None if the run failed.
+        self.device_start_s: float | None = None
+        self.device_end_s: float | None = None
+
+
+_epochs: dict[torch.device, torch.cuda.Event] = {}
+_epochs_lock = threading.Lock()
+
+
+def device_epoch(device: torch.device) -> torch.cuda.Event:
+    """The zero of a CUDA device's clock for this process: one timing event, recorded once and shared by every
+    executor on the device, so that the spans of batches run by different executors (streams) compare."""
+    with _epochs_lock:
+        epoch = _epochs.get(device)
+        if epoch is None:
+            epoch = _epochs[device] = torch.cuda.Event(enable_timing=True)
+            epoch.record(torch.cuda.current_stream(device))
+        return epoch
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -84,6 +102,7 @@ class DeviceExecutor:
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device)
             self._compute_stream = torch.cuda.Stream(device)
+            self._epoch = device_epoch(device)
             stages = (self._collate_stage, self._run_stage, self._finish_stage)
         else:
             stages = (self._collate_stage, self._run_and_finish_stage)
@@ -159,6 +178,7 @@ class DeviceExecutor:
             else:
                 job.output = self._forward(job.workload, job.model, job.inputs, job.items)
                 job.run_s = time.perf_counter() - entered
+                job.device_start_s, job.device_end_s = entered, entered + job.run_s
         except Exception as error:
             job.error = error
         job.launch_s = time.perf_counter() - entered
@@ -172,6 +192,8 @@ class DeviceExecutor:
                 if self.cuda:
                     job.ended.synchronize()
                     job.run_s = job.started.elapsed_time(job.ended) / 1000.0
+                    job.device_start_s = self._epoch.elapsed_time(job.started) / 1000.0
+                    job.device_end_s = self._epoch.elapsed_time(job.ended) / 1000.0
                 job.results = list(check_split(adapter.name, adapter.split(job.output, job.items), n))
                 job.errors = [None] * n
             except Exception as error:

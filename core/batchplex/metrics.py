@@ -6,11 +6,13 @@ of recent samples when `statistics()` is read, never on the request path.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchRecord", "WorkloadStats", "percentile"]
+__all__ = ["BatchRecord", "WorkloadStats", "percentile", "busy_time"]
 
 WINDOW = 8192
 
@@ -24,6 +26,11 @@ class BatchRecord:
     event loop, and the time inside each stage (``collate_s``; ``launch_s``, the run stage, which on CUDA only
     queues the work; ``finish_s``, waiting for the device, splitting and any bisection). Under load the stages
     also wait for the GIL, and ``pipeline_s`` minus the three is time spent queued between stages.
+
+    ``device_start_s`` and ``device_end_s`` place the model work on the device's clock (seconds from one epoch per
+    CUDA device, CUDA events; ``time.perf_counter`` on the CPU), None for a batch whose run failed (its bisection's
+    reruns are not timed). Batches of workloads with executors of their own overlap on the device: there the union
+    of these spans, not the sum of ``run_s``, is the time the device was busy (`busy_time`).
     """
 
     workload: str
@@ -40,6 +47,21 @@ class BatchRecord:
     collate_s: float = 0.0
     launch_s: float = 0.0
     finish_s: float = 0.0
+    device_start_s: float | None = None
+    device_end_s: float | None = None
+
+
+def busy_time(records: Iterable[BatchRecord]) -> float:
+    """Seconds the device ran model work for ``records`` (batches of one device): the union of their device spans,
+    so overlapping batches count once. Batches whose run failed (no span) are left out."""
+    spans = sorted((r.device_start_s, r.device_end_s) for r in records if r.device_start_s is not None)
+    busy = 0.0
+    covered = -math.inf
+    for start, end in spans:
+        if end > covered:
+            busy += end - max(start, covered)
+            covered = end
+    return busy
 
 
 def percentile(samples: list[float], q: float) -> float | None:

@@ -607,7 +607,7 @@ class Scheduler:
             cost=sum(costs), padded_cost=workload.adapter.padded_cost(costs, job.padded_size),
             max_wait_s=job.waited_s, run_s=job.run_s, failed=failed, retried=job.retried,
             pipeline_s=time.perf_counter() - job.dispatched, collate_s=job.collate_s, launch_s=job.launch_s,
-            finish_s=job.finish_s)
+            finish_s=job.finish_s, device_start_s=job.device_start_s, device_end_s=job.device_end_s)
         stats.record_batch(record)
         self.plugins.batch_finished(record)
         self._pump(lane)
