@@ -2,6 +2,7 @@
 draining, the threaded API, padding and sharing a device."""
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -385,11 +386,14 @@ def test_busy_time_counts_overlapping_batches_once():
     spans = [(0.0, 1.0), (0.5, 2.0), (0.6, 0.9), (3.0, 4.0), (None, None), (4.0, 4.5)]
     assert busy_time(record(*span) for span in spans) == pytest.approx(3.5)  # [0, 2] + [3, 4.5]
     assert busy_time([]) == 0.0
+    other_device = dataclasses.replace(record(0.0, 1.0), device="cuda:0")
+    with pytest.raises(ValueError, match="one device"):
+        busy_time([record(0.0, 1.0), other_device])
 
 
 async def test_batches_of_dedicated_executors_overlap_on_the_device_clock(device):
     """Two workloads with executors of their own run at the same time: the union of their device spans is the busy
-    time, well under the sum of their run times. On CUDA the spans come from events against one device epoch."""
+    time, well under the sum of their run times. On CUDA the spans are read on the device's clock, from events."""
     records = []
 
     class Observer:
@@ -409,11 +413,14 @@ async def test_batches_of_dedicated_executors_overlap_on_the_device_clock(device
         for name in ("a", "b"):
             scheduler.add_workload(name, adapter=FakeAdapter(), model=slow, device=device, policy=policy,
                                    dedicated_executor=True)
+        started = time.perf_counter()
         results = await asyncio.gather(*(scheduler.submit(name, float(i)) for i in range(6) for name in "ab"))
+        wall = time.perf_counter() - started
     assert [r.item() for r in results] == [float(i) + 1 for i in range(6) for _ in "ab"]
-    assert len(records) == 12
-    for r in records:
-        assert r.device_start_s is not None and r.device_end_s >= r.device_start_s
-        assert r.device_end_s - r.device_start_s == pytest.approx(r.run_s, rel=0.05, abs=1e-4)
+    assert len(records) == 12 and all(r.device_start_s is not None for r in records)
+    first, last = min(r.device_start_s for r in records), max(r.device_end_s for r in records)
+    assert last - first <= wall  # one clock for both executors: together the spans fit in the time taken
+    if device.type == "cpu":  # there the clock is perf_counter itself
+        assert started <= first and last <= started + wall
     total = sum(r.run_s for r in records)
     assert busy_time(records) < 0.8 * total  # the two workloads' batches ran side by side

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._device_clock import device_clock
 from ._graphs import GraphedModel
 from .adapter import check_split
 from .collate import copy_to_pinned_host, map_tensors
@@ -41,7 +42,8 @@ class BatchJob:
 
     __slots__ = ("workload", "requests", "items", "padded_size", "model", "owner", "waited_s", "inputs", "output",
                  "error", "copied", "started", "ended", "run_s", "results", "errors", "oom_size", "retried",
-                 "batch_error", "dispatched", "collate_s", "launch_s", "finish_s", "device_start_s", "device_end_s")
+                 "batch_error", "dispatched", "collate_s", "launch_s", "finish_s", "clock_generation",
+                 "device_start_s", "device_end_s")
 
     def __init__(self, workload: Any, requests: list, padded_size: int, model: Callable, owner: Any = None,
                  waited_s: float = 0.0) -> None:
@@ -67,24 +69,10 @@ class BatchJob:
         # Host clock (perf_counter): when the batch left the queue, and the time spent inside each stage.
         self.dispatched = time.perf_counter()
         self.collate_s = self.launch_s = self.finish_s = 0.0
-        # When the model work began and ended on the device's clock (see `device_epoch`); None if the run failed.
+        # When the model work began and ended on the device's clock (`DeviceClock`); None if the run failed.
+        self.clock_generation = 0
         self.device_start_s: float | None = None
         self.device_end_s: float | None = None
-
-
-_epochs: dict[torch.device, torch.cuda.Event] = {}
-_epochs_lock = threading.Lock()
-
-
-def device_epoch(device: torch.device) -> torch.cuda.Event:
-    """The zero of a CUDA device's clock for this process: one timing event, recorded once and shared by every
-    executor on the device, so that the spans of batches run by different executors (streams) compare."""
-    with _epochs_lock:
-        epoch = _epochs.get(device)
-        if epoch is None:
-            epoch = _epochs[device] = torch.cuda.Event(enable_timing=True)
-            epoch.record(torch.cuda.current_stream(device))
-        return epoch
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -102,7 +90,7 @@ class DeviceExecutor:
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device)
             self._compute_stream = torch.cuda.Stream(device)
-            self._epoch = device_epoch(device)
+            self._clock = device_clock(device)
             stages = (self._collate_stage, self._run_stage, self._finish_stage)
         else:
             stages = (self._collate_stage, self._run_and_finish_stage)
@@ -168,6 +156,7 @@ class DeviceExecutor:
         try:
             if self.cuda:
                 stream = self._compute_stream
+                job.clock_generation = self._clock.generation()
                 with torch.cuda.stream(stream):
                     stream.wait_event(job.copied)
                     job.started = torch.cuda.Event(enable_timing=True)
@@ -192,8 +181,7 @@ class DeviceExecutor:
                 if self.cuda:
                     job.ended.synchronize()
                     job.run_s = job.started.elapsed_time(job.ended) / 1000.0
-                    job.device_start_s = self._epoch.elapsed_time(job.started) / 1000.0
-                    job.device_end_s = self._epoch.elapsed_time(job.ended) / 1000.0
+                    self._place_on_device_clock(job)
                 job.results = list(check_split(adapter.name, adapter.split(job.output, job.items), n))
                 job.errors = [None] * n
             except Exception as error:
@@ -209,6 +197,14 @@ class DeviceExecutor:
             self._isolate(job)
         job.finish_s = time.perf_counter() - entered
         self._on_done(job)
+
+    def _place_on_device_clock(self, job: BatchJob) -> None:
+        """Set the batch's span on the device's clock; a measurement only, so a failure leaves it unset."""
+        try:
+            start = self._clock.seconds(job.clock_generation, job.started)
+        except (KeyError, RuntimeError):  # the anchor was dropped (a batch in flight for minutes), or CUDA refused
+            return
+        job.device_start_s, job.device_end_s = start, start + job.run_s
 
     def _run_and_finish_stage(self, job: BatchJob) -> None:
         """The CPU's last stage: nothing runs asynchronously, so a thread of its own to finish would only add a

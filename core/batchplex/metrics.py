@@ -27,10 +27,11 @@ class BatchRecord:
     queues the work; ``finish_s``, waiting for the device, splitting and any bisection). Under load the stages
     also wait for the GIL, and ``pipeline_s`` minus the three is time spent queued between stages.
 
-    ``device_start_s`` and ``device_end_s`` place the model work on the device's clock (seconds from one epoch per
-    CUDA device, CUDA events; ``time.perf_counter`` on the CPU), None for a batch whose run failed (its bisection's
-    reruns are not timed). Batches of workloads with executors of their own overlap on the device: there the union
-    of these spans, not the sum of ``run_s``, is the time the device was busy (`busy_time`).
+    ``device_start_s`` and ``device_end_s`` place the model work on the device's clock (seconds from a zero shared
+    by every executor of a CUDA device, from CUDA events; ``time.perf_counter`` on the CPU), None for a batch whose
+    run failed (its bisection's reruns are not timed). Batches of workloads with executors of their own overlap on
+    the device: there the union of these spans, not the sum of ``run_s``, is the device time of model work
+    (`busy_time`, which also says what a span includes).
     """
 
     workload: str
@@ -52,8 +53,17 @@ class BatchRecord:
 
 
 def busy_time(records: Iterable[BatchRecord]) -> float:
-    """Seconds the device ran model work for ``records`` (batches of one device): the union of their device spans,
-    so overlapping batches count once. Batches whose run failed (no span) are left out."""
+    """Seconds the device spent on model work for ``records``: the union of their device spans, so overlapping
+    batches count once. Batches whose run failed (no span) are left out.
+
+    A span runs from an event recorded before the forward to one after it, so the device's waits for the host
+    inside a forward (an eager model's launches, host syncs) count as busy: this is the device time of model work,
+    not the time its kernels kept the SMs busy. Raises ValueError for records of several devices (each has its
+    own clock)."""
+    records = list(records)
+    devices = sorted({r.device for r in records})
+    if len(devices) > 1:
+        raise ValueError(f"busy_time() takes the records of one device (each has its own clock), got {devices}")
     spans = sorted((r.device_start_s, r.device_end_s) for r in records if r.device_start_s is not None)
     busy = 0.0
     covered = -math.inf
