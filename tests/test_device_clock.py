@@ -104,3 +104,18 @@ def test_anchors_too_old_are_dropped():
         clock.generation()
     with pytest.raises(KeyError):
         clock.seconds(generation, event)
+
+
+def test_a_refused_anchor_keeps_the_current_one():
+    timeline = Timeline()
+    clock = clock_on(timeline, every_s=1.0)
+
+    class Refused(StandInEvent):
+        def record(self, stream=None):
+            raise RuntimeError("CUDA error: the event could not be recorded")
+
+    clock._new_event = lambda: Refused(timeline)
+    timeline.t = 2.0
+    assert clock.generation() == 0  # no exception: spans go on being read against the first anchor
+    generation, event = batch_event(timeline, clock, 2.5)
+    assert clock.seconds(generation, event) == pytest.approx(2.5)

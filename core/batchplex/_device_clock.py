@@ -47,17 +47,25 @@ class DeviceClock:
     def generation(self) -> int:
         """The anchor to read a batch against: call it before recording the batch's first event."""
         with self._lock:
-            if self._pending is not None and self._pending.query():
-                anchor, seconds = self._anchors[self._generation]
-                self._generation += 1
-                self._anchors[self._generation] = (self._pending, seconds + anchor.elapsed_time(self._pending) / 1e3)
-                self._anchors.pop(self._generation - _KEPT_ANCHORS, None)
+            try:
+                self._advance()
+            except RuntimeError:  # CUDA refused: a measurement only, so keep the current anchor and retry later
                 self._pending = None
                 self._anchored_at = self._now()
-            elif self._pending is None and self._now() - self._anchored_at >= self._every_s:
-                self._pending = self._new_event()
-                self._pending.record(self._stream())
             return self._generation
+
+    def _advance(self) -> None:
+        """Adopt the pending anchor once it has completed; record a new one when the current one is old."""
+        if self._pending is not None and self._pending.query():
+            anchor, seconds = self._anchors[self._generation]
+            self._generation += 1
+            self._anchors[self._generation] = (self._pending, seconds + anchor.elapsed_time(self._pending) / 1e3)
+            self._anchors.pop(self._generation - _KEPT_ANCHORS, None)
+            self._pending = None
+            self._anchored_at = self._now()
+        elif self._pending is None and self._now() - self._anchored_at >= self._every_s:
+            self._pending = self._new_event()
+            self._pending.record(self._stream())
 
     def seconds(self, generation: int, event: Any) -> float:
         """When ``event`` (recorded after `generation` returned ``generation``, and completed) happened.
