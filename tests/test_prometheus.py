@@ -79,6 +79,9 @@ async def test_metrics_follow_real_requests_through_a_scheduler():
     assert value(parsed, "batchplex_queue_wait_seconds_count", **batch) == 3
     assert value(parsed, "batchplex_queue_wait_seconds_bucket", le="+Inf", **batch) == 3
     assert value(parsed, "batchplex_batches_retried_total", **batch) == 0
+    # one executor on the CPU runs one batch at a time, so the union of the spans is their summed run time
+    assert value(parsed, "batchplex_device_busy_seconds_total", device="cpu") == pytest.approx(
+        value(parsed, "batchplex_batch_run_seconds_sum", **batch))
     assert value(parsed, "batchplex_queue_depth", workload="lin") == 0
     assert value(parsed, "batchplex_in_flight", workload="lin") == 0
     assert value(parsed, "batchplex_batch_size_limit", workload="lin") == 4

@@ -2,14 +2,17 @@
 exactly one outcome, and it is its own."""
 
 import asyncio
+import math
 import time
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batchplex
 from batchplex import BatchPolicy, Scheduler
+from batchplex.metrics import BusyTracker
 from batchplex.testing import FakeAdapter
 
 POISON = -1.0
@@ -79,3 +82,31 @@ async def _exercise(plans, max_batch_size, max_wait_ms, run_ms, bucket_edges, di
     assert stats["queue_depth"] == 0 and stats["in_flight"] == 0
     assert stats["completed"] + stats["failed"] + stats["timeouts"] + stats["cancelled"] == stats["submitted"]
     assert stats["failed"] == sum(1 for kind, _, _ in outcomes if kind == "poison")
+
+
+span = st.tuples(st.floats(min_value=0, max_value=100, allow_nan=False),
+                 st.floats(min_value=0, max_value=10, allow_nan=False))
+
+
+@given(spans=st.lists(span, max_size=60), horizon_s=st.sampled_from([math.inf, 1000.0]))
+def test_the_running_union_of_spans_in_any_order_is_their_union(spans, horizon_s):
+    """Batches finish in any order and overlap: fed one at a time, the tracker's busy time is the spans' union."""
+    tracker = BusyTracker(horizon_s)
+    for start, length in spans:
+        tracker.add(start, start + length)
+    union, covered = 0.0, -math.inf
+    for start, end in sorted((start, start + length) for start, length in spans):
+        if end > covered:
+            union += end - max(start, covered)
+            covered = end
+    assert tracker.busy_s == pytest.approx(union, abs=1e-6)
+
+
+def test_spans_older_than_the_horizon_are_forgotten():
+    tracker = BusyTracker(horizon_s=10.0)
+    tracker.add(0.0, 5.0)
+    tracker.add(20.0, 21.0)  # 15 s later: the first span is past the horizon
+    tracker.add(1.0, 2.0)  # so this one, inside it, counts again (no batch reaches that far back)
+    assert tracker.busy_s == pytest.approx(7.0)
+    tracker.add(20.5, 22.0)
+    assert tracker.busy_s == pytest.approx(8.0)

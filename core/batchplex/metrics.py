@@ -6,13 +6,14 @@ of recent samples when `statistics()` is read, never on the request path.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BatchRecord", "WorkloadStats", "percentile", "busy_time"]
+__all__ = ["BatchRecord", "BusyTracker", "WorkloadStats", "busy_time", "percentile"]
 
 WINDOW = 8192
 
@@ -52,6 +53,36 @@ class BatchRecord:
     device_end_s: float | None = None
 
 
+class BusyTracker:
+    """The busy seconds of one device, fed one batch span at a time: the running union of the spans.
+
+    Batches finish in another order than they started, and those of workloads with executors of their own overlap,
+    so a running maximum would miscount. The tracker keeps the merged spans of the last ``horizon_s`` seconds and
+    adds only what a new span covers beyond them: a few microseconds per batch. A span reaching further back than
+    the horizon is counted in full over that stretch (no batch runs that long).
+    """
+
+    def __init__(self, horizon_s: float = 10.0) -> None:
+        self.busy_s = 0.0
+        self._horizon_s = horizon_s
+        self._starts: list[float] = []  # merged spans, disjoint and sorted: both lists are ascending
+        self._ends: list[float] = []
+
+    def add(self, start: float, end: float) -> None:
+        starts, ends = self._starts, self._ends
+        first = bisect.bisect_left(ends, start)  # the merged spans [first, last) touch or overlap [start, end]
+        last = bisect.bisect_right(starts, end)
+        covered = sum(min(e, end) - max(s, start) for s, e in zip(starts[first:last], ends[first:last]))
+        self.busy_s += end - start - covered
+        if first < last:
+            start, end = min(start, starts[first]), max(end, ends[last - 1])
+        starts[first:last] = [start]
+        ends[first:last] = [end]
+        forgotten = bisect.bisect_left(ends, ends[-1] - self._horizon_s)
+        if forgotten:
+            del starts[:forgotten], ends[:forgotten]
+
+
 def busy_time(records: Iterable[BatchRecord]) -> float:
     """Seconds the device spent on model work for ``records``: the union of their device spans, so overlapping
     batches count once. Batches whose run failed (no span) are left out.
@@ -64,14 +95,11 @@ def busy_time(records: Iterable[BatchRecord]) -> float:
     devices = sorted({r.device for r in records})
     if len(devices) > 1:
         raise ValueError(f"busy_time() takes the records of one device (each has its own clock), got {devices}")
-    spans = sorted((r.device_start_s, r.device_end_s) for r in records if r.device_start_s is not None)
-    busy = 0.0
-    covered = -math.inf
-    for start, end in spans:
-        if end > covered:
-            busy += end - max(start, covered)
-            covered = end
-    return busy
+    tracker = BusyTracker(horizon_s=math.inf)
+    for record in records:
+        if record.device_start_s is not None:
+            tracker.add(record.device_start_s, record.device_end_s)
+    return tracker.busy_s
 
 
 def percentile(samples: list[float], q: float) -> float | None:

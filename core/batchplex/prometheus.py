@@ -8,7 +8,7 @@ Prometheus scrapes. It writes into its own ``CollectorRegistry`` unless given on
     scheduler.register_plugin(exporter)
     exporter.serve(9464)            # http://127.0.0.1:9464/metrics
 
-Every series carries a ``workload`` label (batch series also ``device``):
+Every series carries a ``workload`` label (batch series also ``device``), except the device's busy time:
 
 * ``batchplex_batch_size`` (histogram): requests per batch;
 * ``batchplex_queue_wait_seconds`` (histogram): per batch, the queue wait of its oldest request (arrival to
@@ -19,6 +19,9 @@ Every series carries a ``workload`` label (batch series also ``device``):
 * ``batchplex_batches_total``, ``batchplex_batches_retried_total`` (split after a failure or out-of-memory);
 * ``batchplex_cost_total`` and ``batchplex_padded_cost_total``: real and padded cost (tokens, rows); padding
   waste over a window is ``1 - rate(cost) / rate(padded_cost)``;
+* ``batchplex_device_busy_seconds_total{device}``: the device time of model work, the union of the batches'
+  spans (`BusyTracker`), so overlapping batches of workloads with executors of their own count once; the
+  device's busy fraction over a window is ``rate(batchplex_device_busy_seconds_total[1m])``;
 * ``batchplex_requests_total{outcome=completed|failed|timeout|cancelled|rejected_invalid|rejected_full}``;
 * gauges ``batchplex_queue_depth``, ``batchplex_in_flight``, ``batchplex_batch_size_limit`` and
   ``batchplex_max_wait_seconds`` (the live knobs, moved by online tuning and out-of-memory), and
@@ -35,7 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .hookspecs import hookimpl
-from .metrics import BatchRecord
+from .metrics import BatchRecord, BusyTracker
 
 __all__ = ["PrometheusExporter", "SIZE_BUCKETS", "SECONDS_BUCKETS"]
 
@@ -78,6 +81,10 @@ class PrometheusExporter:
         self.cost = client.Counter("cost", "Cost computed for real requests (tokens, rows), padding excluded.",
                                    **common)
         self.padded_cost = client.Counter("padded_cost", "Cost computed, padding included.", **common)
+        self.device_busy = client.Counter(
+            "device_busy_seconds", "Device time of model work: the union of the batches' spans on the device.",
+            namespace=namespace, labelnames=("device",), registry=self.registry)
+        self._busy: dict[str, BusyTracker] = {}
         if scheduler is not None:
             self.registry.register(_SchedulerCollector(scheduler, namespace, client))
 
@@ -92,6 +99,11 @@ class PrometheusExporter:
         self.retried.labels(*labels).inc(int(record.retried))  # 0 still creates the series
         self.cost.labels(*labels).inc(record.cost)
         self.padded_cost.labels(*labels).inc(record.padded_cost)
+        if record.device_start_s is not None:
+            busy = self._busy.setdefault(record.device, BusyTracker())
+            before = busy.busy_s
+            busy.add(record.device_start_s, record.device_end_s)
+            self.device_busy.labels(record.device).inc(max(0.0, busy.busy_s - before))
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
         """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns what
