@@ -3,6 +3,7 @@ stay precise for hours although CUDA reports float32 milliseconds, and no batch 
 might precede."""
 
 import struct
+import threading
 
 import pytest
 import torch
@@ -119,3 +120,33 @@ def test_a_refused_anchor_keeps_the_current_one():
     assert clock.generation() == 0  # no exception: spans go on being read against the first anchor
     generation, event = batch_event(timeline, clock, 2.5)
     assert clock.seconds(generation, event) == pytest.approx(2.5)
+
+
+def test_executor_threads_may_share_the_clock():
+    """Run stages and finish stages of several executors call it at once: every read is the event's own time."""
+    timeline = Timeline()
+    clock = clock_on(timeline, every_s=0.05)
+    advance = threading.Lock()
+    errors, reads = [], []
+
+    def executor_thread():
+        for _ in range(2000):
+            generation = clock.generation()
+            with advance:
+                timeline.t += 0.001
+                event = StandInEvent(timeline)
+                event.record()
+            try:
+                reads.append((clock.seconds(generation, event), event.at))
+            except KeyError:  # read after its anchor was dropped: the executor leaves that span unset
+                pass
+            except Exception as error:  # noqa: BLE001 - the test reports any other failure below
+                errors.append(error)
+
+    threads = [threading.Thread(target=executor_thread) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(reads) > 7000 and clock.generation() > 100
+    assert max(abs(read - at) for read, at in reads) < 1e-5
