@@ -42,10 +42,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +53,9 @@ import batchplex_recsys
 import batchplex_vision
 import torch
 import torchvision
-from batchplex import BatchPolicy, BatchRecord, GraphedModel, Scheduler, hookimpl
+from batchplex import BatchPolicy, GraphedModel, Scheduler
 from batchplex.metrics import busy_time
+from batchplex.testing import BatchLog
 from batchplex.plugins import PluginHost
 from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
@@ -182,27 +182,6 @@ class UtilizationSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-class BatchLog:
-    """A plugin that keeps the `BatchRecord` of every batch finished while `recording`."""
-
-    def __init__(self) -> None:
-        self.records: list[BatchRecord] = []
-        self._on = False
-
-    @hookimpl
-    def batch_finished(self, record: BatchRecord) -> None:
-        if self._on:
-            self.records.append(record)
-
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        self._on = True
-        try:
-            yield
-        finally:
-            self._on = False
-
-
 async def run_load(specs: list[Spec], device: torch.device, args: argparse.Namespace, *,
                    pipeline_depth: int | None = None, dedicated: bool = False) -> dict[str, Any]:
     """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall.
@@ -223,17 +202,19 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
 
         await window(max(1.0, args.duration / 4))  # warm-up: allocator, cuDNN, graph capture
         before = scheduler.statistics()
+        finished.records.clear()
         started = time.perf_counter()
-        with UtilizationSampler(device) as nvml, finished.recording():
+        with UtilizationSampler(device) as nvml:
             loads = await window(args.duration)
         wall = time.perf_counter() - started
+        measured = list(finished.records)
         after = scheduler.statistics()
     device_time = {spec.name: after[spec.name]["device_time_s"] - before[spec.name]["device_time_s"]
                    for spec in specs}
     per_workload = {spec.name: {**load, "device_time_s": device_time[spec.name],
                                 "mean_batch": after[spec.name]["mean_batch_size"]}
                     for spec, load in zip(specs, loads)}
-    return {"workloads": per_workload, "wall_s": wall, "busy_fraction": busy_time(finished.records) / wall,
+    return {"workloads": per_workload, "wall_s": wall, "busy_fraction": busy_time(measured) / wall,
             "summed_device_time_fraction": sum(device_time.values()) / wall, "nvml_utilization": nvml.mean}
 
 

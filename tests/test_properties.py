@@ -92,14 +92,13 @@ span = st.tuples(st.floats(min_value=0, max_value=100, allow_nan=False),
 def test_the_running_union_of_spans_in_any_order_is_their_union(spans, horizon_s):
     """Batches finish in any order and overlap: fed one at a time, the tracker's busy time is the spans' union."""
     tracker = BusyTracker(horizon_s)
-    for start, length in spans:
-        tracker.add(start, start + length)
+    added = sum(tracker.add(start, start + length) for start, length in spans)
     union, covered = 0.0, -math.inf
     for start, end in sorted((start, start + length) for start, length in spans):
         if end > covered:
             union += end - max(start, covered)
             covered = end
-    assert tracker.busy_s == pytest.approx(union, abs=1e-6)
+    assert tracker.busy_s == pytest.approx(union, abs=1e-6) and added == pytest.approx(tracker.busy_s)
 
 
 def test_spans_older_than_the_horizon_are_forgotten():

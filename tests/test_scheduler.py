@@ -12,7 +12,7 @@ import torch
 import batchplex
 from batchplex import BatchPolicy, BatchRecord, Scheduler
 from batchplex.metrics import busy_time
-from batchplex.testing import FakeAdapter, wait_until
+from batchplex.testing import BatchLog, FakeAdapter, wait_until
 
 
 def linear():
@@ -357,20 +357,14 @@ async def test_batch_records_show_where_each_batch_spent_its_trip():
         time.sleep(0.03)
         return batch
 
-    records = []
-
-    class Observer:
-        @batchplex.hookimpl
-        def batch_finished(self, record):
-            records.append(record)
-
-    async with Scheduler(autoload=False, plugins=[Observer()]) as scheduler:
+    log = BatchLog()
+    async with Scheduler(autoload=False, plugins=[log]) as scheduler:
         scheduler.add_workload("w", adapter=SlowCollate(), model=slow_model,
                                policy=BatchPolicy(max_batch_size=4, max_wait_ms=1))
         await asyncio.gather(*(scheduler.submit("w", torch.zeros(2)) for _ in range(16)))
         stats = scheduler.statistics()["w"]
-    assert len(records) == stats["batches"] >= 4
-    for record in records:
+    assert len(log.records) == stats["batches"] >= 4
+    for record in log.records:
         assert record.collate_s >= 0.02 and record.launch_s >= 0.03 and record.finish_s >= 0
         assert record.pipeline_s >= record.collate_s + record.launch_s + record.finish_s
     assert stats["stage_ms_mean"]["collate"] >= 20 and stats["stage_ms_mean"]["launch"] >= 30
@@ -394,12 +388,7 @@ def test_busy_time_counts_overlapping_batches_once():
 async def test_batches_of_dedicated_executors_overlap_on_the_device_clock(device):
     """Two workloads with executors of their own run at the same time: the union of their device spans is the busy
     time, well under the sum of their run times. On CUDA the spans are read on the device's clock, from events."""
-    records = []
-
-    class Observer:
-        @batchplex.hookimpl
-        def batch_finished(self, record):
-            records.append(record)
+    log = BatchLog()
 
     def slow(batch):  # on CUDA a kernel that keeps the GPU busy for a while, on the CPU a sleep
         if batch.is_cuda:
@@ -409,13 +398,14 @@ async def test_batches_of_dedicated_executors_overlap_on_the_device_clock(device
         return batch + 1
 
     policy = BatchPolicy(max_batch_size=1, max_wait_ms=0)
-    async with Scheduler(autoload=False, plugins=[Observer()]) as scheduler:
+    async with Scheduler(autoload=False, plugins=[log]) as scheduler:
         for name in ("a", "b"):
             scheduler.add_workload(name, adapter=FakeAdapter(), model=slow, device=device, policy=policy,
                                    dedicated_executor=True)
         started = time.perf_counter()
         results = await asyncio.gather(*(scheduler.submit(name, float(i)) for i in range(6) for name in "ab"))
         wall = time.perf_counter() - started
+    records = log.records
     assert [r.item() for r in results] == [float(i) + 1 for i in range(6) for _ in "ab"]
     assert len(records) == 12 and all(r.device_start_s is not None for r in records)
     first, last = min(r.device_start_s for r in records), max(r.device_end_s for r in records)

@@ -68,12 +68,14 @@ class BusyTracker:
         self._starts: list[float] = []  # merged spans, disjoint and sorted: both lists are ascending
         self._ends: list[float] = []
 
-    def add(self, start: float, end: float) -> None:
+    def add(self, start: float, end: float) -> float:
+        """Count the span ``[start, end]``; returns the seconds it added to the union."""
         starts, ends = self._starts, self._ends
         first = bisect.bisect_left(ends, start)  # the merged spans [first, last) touch or overlap [start, end]
         last = bisect.bisect_right(starts, end)
         covered = sum(min(e, end) - max(s, start) for s, e in zip(starts[first:last], ends[first:last]))
-        self.busy_s += end - start - covered
+        added = max(0.0, end - start - covered)  # never below 0 through rounding
+        self.busy_s += added
         if first < last:
             start, end = min(start, starts[first]), max(end, ends[last - 1])
         starts[first:last] = [start]
@@ -81,6 +83,7 @@ class BusyTracker:
         forgotten = bisect.bisect_left(ends, ends[-1] - self._horizon_s)
         if forgotten:
             del starts[:forgotten], ends[:forgotten]
+        return added
 
 
 def busy_time(records: Iterable[BatchRecord]) -> float:

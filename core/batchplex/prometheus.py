@@ -101,9 +101,7 @@ class PrometheusExporter:
         self.padded_cost.labels(*labels).inc(record.padded_cost)
         if record.device_start_s is not None:
             busy = self._busy.setdefault(record.device, BusyTracker())
-            before = busy.busy_s
-            busy.add(record.device_start_s, record.device_end_s)
-            self.device_busy.labels(record.device).inc(max(0.0, busy.busy_s - before))
+            self.device_busy.labels(record.device).inc(busy.add(record.device_start_s, record.device_end_s))
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
         """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns what

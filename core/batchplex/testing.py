@@ -1,4 +1,5 @@
-"""Tools for testing adapters and code that uses batchplex: a fake adapter and the adapter contract check.
+"""Tools for testing adapters and code that uses batchplex: a fake adapter, the adapter contract check and a log of
+finished batches.
 
 Plugin authors run `check_adapter` against their own adapter with a few sample requests and a model: it checks
 that ``prepare``/``cost``/``collate``/``split`` keep the contract and that every request's result, batched with
@@ -17,8 +18,22 @@ import torch
 from .adapter import Adapter, check_split
 from .collate import split_rows, stack_to_device
 from .errors import InvalidRequestError
+from .hookspecs import hookimpl
+from .metrics import BatchRecord
 
-__all__ = ["FakeAdapter", "check_adapter", "assert_same_result", "wait_until"]
+__all__ = ["BatchLog", "FakeAdapter", "check_adapter", "assert_same_result", "wait_until"]
+
+
+class BatchLog:
+    """A plugin that keeps the `BatchRecord` of every finished batch, in the order they finished: register it with
+    ``Scheduler(plugins=[log])`` and read ``log.records`` (clear it to start a measured window)."""
+
+    def __init__(self) -> None:
+        self.records: list[BatchRecord] = []
+
+    @hookimpl
+    def batch_finished(self, record: BatchRecord) -> None:
+        self.records.append(record)
 
 
 class FakeAdapter(Adapter[tuple]):

@@ -9,8 +9,8 @@ from importlib import metadata
 import numpy as np
 import pytest
 import torch
-from batchplex import BatchPolicy, InvalidRequestError, RequestTooLargeError, Scheduler, hookimpl
-from batchplex.testing import assert_same_result, check_adapter
+from batchplex import BatchPolicy, InvalidRequestError, RequestTooLargeError, Scheduler
+from batchplex.testing import BatchLog, assert_same_result, check_adapter
 from batchplex_nlp import OUTPUTS, HFModel, TextAdapter
 from batchplex_nlp.testing import minilm_dir
 from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
@@ -213,16 +213,8 @@ def test_length_buckets_halve_the_padded_tokens_of_arrival_order_batches(tokeniz
     requests = [rng.integers(1000, 2000, size=n).tolist() for n in lengths]
     model = torch.nn.Embedding(30522, 4)
 
-    class Records:
-        def __init__(self):
-            self.batches = []
-
-        @hookimpl
-        def batch_finished(self, record):
-            self.batches.append(record)
-
     def padded_tokens(policy):
-        records = Records()
+        records = BatchLog()
 
         async def main():
             async with Scheduler(plugins=[records]) as scheduler:
@@ -232,9 +224,9 @@ def test_length_buckets_halve_the_padded_tokens_of_arrival_order_batches(tokeniz
                 return scheduler.statistics()["text"]
 
         stats = asyncio.run(main())
-        assert sum(record.cost for record in records.batches) == lengths.sum()
-        assert max(record.size for record in records.batches) <= 32
-        padded = sum(record.padded_cost for record in records.batches)
+        assert sum(record.cost for record in records.records) == lengths.sum()
+        assert max(record.size for record in records.records) <= 32
+        padded = sum(record.padded_cost for record in records.records)
         assert padded == pytest.approx(lengths.sum() / (1 - stats["padding_waste"]))
         return padded, stats["padding_waste"]
 

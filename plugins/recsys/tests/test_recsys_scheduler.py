@@ -8,8 +8,8 @@ import random
 import batchplex_recsys
 import pytest
 import torch
-from batchplex import BatchPolicy, InvalidRequestError, RequestTooLargeError, Scheduler, hookimpl
-from batchplex.testing import assert_same_result
+from batchplex import BatchPolicy, InvalidRequestError, RequestTooLargeError, Scheduler
+from batchplex.testing import BatchLog, assert_same_result
 from batchplex_recsys import RankingAdapter, RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, random_request
 
@@ -35,17 +35,6 @@ def alone(adapter, model, request, device):
     with torch.inference_mode():
         output = model(adapter.collate([item], device, 1))
     return adapter.split(output, [item])[0]
-
-
-class BatchLog:
-    """Records every finished batch (through the batch_finished hook)."""
-
-    def __init__(self):
-        self.records = []
-
-    @hookimpl
-    def batch_finished(self, record):
-        self.records.append(record)
 
 
 async def run(requests, model, device, policy, *, log=None, **extra):
