@@ -1,12 +1,22 @@
 """Ray Serve with batchplex inside each replica vs Ray's own ``@serve.batch``: 1 and N replicas, same offered load.
 
-The model is simulated: a batch of n requests takes ``a + b*n`` seconds (``time.sleep`` off the event loop in both
-deployments), so the numbers measure batching and serving overhead, not a network. Requests (one float tensor of
-``--width`` values each) arrive open-loop as a Poisson process at ``--rate`` per second for ``--seconds`` through a
-deployment handle from this process; each configuration reports completed requests/s, p50/p99 latency, mean batch
-size where known, and refusals.
+Models (``--model``):
+
+* ``sim`` (the default on the CPU): a batch of n requests takes ``a + b*n`` seconds (``time.sleep`` off the event
+  loop in both deployments), so the numbers measure batching and serving overhead. Requests are one float tensor of
+  ``--width`` values.
+* ``resnet50`` (the default on CUDA) or ``resnet18``: a torchvision ResNet (random weights, eval; float16 and
+  channels_last on CUDA). Requests are uint8 CHW images of ``--size``. batchplex runs them through its ``image``
+  adapter (pinned staging, normalized on the device); the ``@serve.batch`` deployment stacks, copies and normalizes
+  each batch the usual way, in a worker thread. Each replica owns one GPU (``num_gpus: 1``).
+
+Load: ``--clients`` Ray actors each send Poisson arrivals at ``rate / clients`` per second for ``--seconds`` through
+their own deployment handle (one client process tops out near 1-2k Ray calls per second, below a GPU's ResNet-50
+rate). Each configuration reports, per offered rate, completed requests/s, p50/p99 latency, the mean batch size of
+that window and refusals.
 
     python benchmarks/ray_serve.py --device cpu --rate 200 --seconds 5 --out benchmarks/results/ray-serve-cpu
+    python benchmarks/ray_serve.py --device cuda --clients 8 --rate 1000 2000 4000 --out benchmarks/results/ray-serve-cuda
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -25,12 +36,15 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+import torchvision
 from batchplex import BatchPolicy, BatchplexError
 from batchplex_ray import WorkloadSpec, build_app, collect_statistics
+from batchplex_vision.classification import IMAGENET_MEAN, IMAGENET_STD
 from ray import serve
 
-
 ENGINES = ("batchplex", "ray-serve-batch")
+MODELS = ("sim", "resnet50", "resnet18")
+APP = "bench"
 
 
 class SimulatedModel:
@@ -44,12 +58,38 @@ class SimulatedModel:
         return batch * 2
 
 
+def build_model(kind: str, device: torch.device, *, a: float, b: float) -> torch.nn.Module | SimulatedModel:
+    """The model a replica runs on ``device``: float16 channels_last ResNets on CUDA, float32 on the CPU."""
+    if kind == "sim":
+        return SimulatedModel(a, b)
+    net = getattr(torchvision.models, kind)(weights=None).eval()
+    if device.type == "cuda":
+        return net.to(device, torch.float16, memory_format=torch.channels_last)
+    return net.to(device)
+
+
+class NormalizingClassifier:
+    """The ``@serve.batch`` side's classifier: a uint8 batch on the device, normalized there, then the network."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
+        self.net = net
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=self.dtype).view(1, -1, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device, dtype=self.dtype).view(1, -1, 1, 1)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = (batch.to(self.dtype) / 255 - self.mean) / self.std
+        return self.net(x.contiguous(memory_format=self.layout))
+
+
 class RayBatchDeployment:
     """The same model behind Ray's ``@serve.batch`` (batches of up to ``max_batch_size``, waiting ``wait_s``)."""
 
-    def __init__(self, a: float, b: float, max_batch_size: int, wait_s: float, device: str) -> None:
-        self.model = SimulatedModel(a, b)
+    def __init__(self, kind: str, a: float, b: float, max_batch_size: int, wait_s: float, device: str) -> None:
         self.device = torch.device(device)
+        model = build_model(kind, self.device, a=a, b=b)
+        self.model = model if kind == "sim" else NormalizingClassifier(model, self.device)
         self.sizes: list[int] = []
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(wait_s)
@@ -57,93 +97,136 @@ class RayBatchDeployment:
     @serve.batch
     async def run(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
         self.sizes.append(len(items))
-        batch = torch.stack(items).to(self.device)
-        output = await asyncio.to_thread(self.model, batch)
-        return list(output.cpu().unbind(0))
+        output = await asyncio.to_thread(self._forward, items)
+        return [row.clone() for row in output]  # each row its own storage, as batchplex's replicas send them
+
+    def _forward(self, items: list[torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(torch.stack(items).to(self.device)).cpu()
 
     async def submit(self, item: torch.Tensor) -> torch.Tensor:
         return await self.run(item)
 
     async def statistics(self) -> dict:
         """Batches run so far, in the shape `collect_statistics` reads (``replica`` and ``workloads``)."""
-        completed = sum(self.sizes)
         return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "workloads": {"sim": {"batches": len(self.sizes), "completed": completed,
-                                      "mean_batch_size": completed / len(self.sizes) if self.sizes else 0.0}}}
+                "workloads": {"bench": {"batches": len(self.sizes), "completed": sum(self.sizes)}}}
 
 
-async def offer_load(handle, call, rate: float, seconds: float, width: int, seed: int) -> dict:
-    """Send Poisson arrivals at ``rate``/s for ``seconds``; latency of each completed request."""
-    rng = random.Random(seed)
-    item = torch.ones(width)
-    latencies, refused, errors = [], 0, 0
+def make_items(kind: str, width: int, size: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Requests made before the timed window: uint8 images for the ResNets, float rows for ``sim``."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "sim":
+        return [torch.ones(width)] * count
+    return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(count)]
 
-    async def one() -> None:
-        nonlocal refused, errors
-        sent = time.perf_counter()
-        try:
-            await call(handle, item)
-            latencies.append(time.perf_counter() - sent)
-        except BatchplexError:
-            refused += 1
-        except Exception:  # Ray's own overload or failures: counted, not fatal
-            errors += 1
 
-    tasks = []
-    start = time.perf_counter()
-    due = start
-    while due - start < seconds:
-        due += rng.expovariate(rate)
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        tasks.append(asyncio.ensure_future(one()))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000.0
-    return {"sent": len(tasks), "completed": len(latencies), "refused": refused, "errors": errors,
-            "elapsed_s": round(elapsed, 3), "throughput_rps": round(len(latencies) / elapsed, 1),
+@ray.remote(num_cpus=1)
+class LoadClient:
+    """One share of the offered load, sent through this actor's own deployment handle."""
+
+    def __init__(self, engine: str, workload: str, items: list[torch.Tensor]) -> None:
+        self.handle = serve.get_app_handle(APP)
+        self.items = items
+        self.prefix = (workload,) if engine == "batchplex" else ()
+
+    async def offer(self, rate: float, seconds: float, seed: int) -> dict:
+        """Poisson arrivals at ``rate``/s for ``seconds``; each completed request's latency in seconds."""
+        rng = random.Random(seed)
+        latencies, refused, errors = [], 0, 0
+
+        async def one(item: torch.Tensor) -> None:
+            nonlocal refused, errors
+            sent = time.perf_counter()
+            try:
+                await self.handle.submit.remote(*self.prefix, item)
+                latencies.append(time.perf_counter() - sent)
+            except BatchplexError:
+                refused += 1
+            except Exception:  # Ray's own overload or failures: counted, not fatal
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        due = start
+        while due - start < seconds:
+            due += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(self.items[len(tasks) % len(self.items)])))
+        await asyncio.gather(*tasks)
+        return {"sent": len(tasks), "latencies": latencies, "refused": refused, "errors": errors,
+                "elapsed_s": time.perf_counter() - start}
+
+
+def offer_load(clients: list, rate: float, seconds: float, seed: int) -> dict:
+    """``rate`` requests/s split over ``clients``, all started together; the merged outcome."""
+    shares = ray.get([client.offer.remote(rate / len(clients), seconds, seed * 1000 + i)
+                      for i, client in enumerate(clients)])
+    ms = np.array([latency for share in shares for latency in share["latencies"]]) * 1000.0
+    elapsed = max(share["elapsed_s"] for share in shares)
+    return {"offered_rps": rate, "sent": sum(share["sent"] for share in shares), "completed": len(ms),
+            "refused": sum(share["refused"] for share in shares), "errors": sum(share["errors"] for share in shares),
+            "elapsed_s": round(elapsed, 3), "throughput_rps": round(len(ms) / elapsed, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
 
 
-async def bp_call(handle, item):
-    return await handle.submit.remote("sim", item)
+def batches_so_far(handle, replicas: int) -> tuple[int, int, list[int]]:
+    """Batches and requests completed so far over all replicas, and the requests of each replica."""
+    reports = asyncio.run(collect_statistics(handle, replicas)).values()
+    stats = [next(iter(report["workloads"].values())) for report in reports]
+    return (sum(s["batches"] for s in stats), sum(s["completed"] for s in stats),
+            [s["completed"] for s in stats])
 
 
-async def ray_call(handle, item):
-    return await handle.submit.remote(item)
-
-
-def run_one(engine: str, replicas: int, args: argparse.Namespace) -> dict:
+def deploy(engine: str, replicas: int, args: argparse.Namespace):
     options = {"num_gpus": 1} if args.device == "cuda" else {"num_cpus": 1}
     if engine == "batchplex":
-        spec = WorkloadSpec("sim", "tensor", lambda device: SimulatedModel(args.a, args.b), {"shape": (args.width,)},
-                            BatchPolicy(max_batch_size=args.max_batch_size, max_wait_ms=args.wait_ms))
-        app = build_app([spec], num_replicas=replicas, device=args.device, name="bench",
+        factory = functools.partial(build_model, args.model, a=args.a, b=args.b)
+        policy = BatchPolicy(max_batch_size=args.max_batch_size, max_wait_ms=args.wait_ms)
+        if args.model == "sim":
+            spec = WorkloadSpec(args.workload, "tensor", factory, {"shape": (args.width,)}, policy)
+        else:
+            cuda = args.device == "cuda"
+            spec = WorkloadSpec(args.workload, "image", factory, {"size": args.size, "channels_last": cuda,
+                                "dtype": torch.float16 if cuda else torch.float32}, policy)
+        app = build_app([spec], num_replicas=replicas, device=args.device, name=APP,
                         max_ongoing_requests=args.max_ongoing, ray_actor_options=options)
     else:
-        app = serve.deployment(RayBatchDeployment, name="bench").options(
+        app = serve.deployment(RayBatchDeployment, name=APP).options(
             num_replicas=replicas, max_ongoing_requests=args.max_ongoing, ray_actor_options=options).bind(
-            args.a, args.b, args.max_batch_size, args.wait_ms / 1000.0, args.device)
-    handle = serve.run(app, name="bench", route_prefix=None)
-    call = bp_call if engine == "batchplex" else ray_call
+            args.model, args.a, args.b, args.max_batch_size, args.wait_ms / 1000.0, args.device)
+    return serve.run(app, name=APP, route_prefix=None)
 
-    async def measure() -> dict:
-        await offer_load(handle, call, args.rate, 1.0, args.width, seed=0)  # warm-up
-        result = await offer_load(handle, call, args.rate, args.seconds, args.width, seed=1)
-        stats = [report["workloads"]["sim"] for report in (await collect_statistics(handle, replicas)).values()]
-        batches = sum(s["batches"] for s in stats)  # warm-up included
-        result["mean_batch_size"] = round(sum(s["completed"] for s in stats) / batches, 2) if batches else None
-        result["per_replica_completed"] = [s["completed"] for s in stats]
-        return result
 
-    result = asyncio.run(measure())
-    serve.delete("bench")
-    return {"engine": engine, "replicas": replicas, **result}
+def run_deployment(engine: str, replicas: int, args: argparse.Namespace) -> list[dict]:
+    """One deployment, warmed up, then one measured window per offered rate."""
+    handle = deploy(engine, replicas, args)
+    clients = [LoadClient.remote(engine, args.workload,
+                                 make_items(args.model, args.width, args.size, args.distinct_items, seed=i))
+               for i in range(args.clients)]
+    rows = []
+    try:
+        offer_load(clients, min(args.rate), args.warmup, seed=0)
+        for rate in args.rate:
+            batches, completed, per_replica = batches_so_far(handle, replicas)
+            result = offer_load(clients, rate, args.seconds, seed=1)
+            batches_after, completed_after, per_replica_after = batches_so_far(handle, replicas)
+            ran = batches_after - batches
+            result["mean_batch_size"] = round((completed_after - completed) / ran, 2) if ran else None
+            result["per_replica_completed"] = [a - b for a, b in zip(per_replica_after, per_replica)]
+            rows.append({"engine": engine, "replicas": replicas, **result})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for client in clients:
+            ray.kill(client)
+        serve.delete(APP)
+    return rows
 
 
 def machine(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -153,53 +236,78 @@ def machine(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", choices=MODELS, help="default: sim on the CPU, resnet50 on CUDA")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
-    parser.add_argument("--rate", type=float, default=200.0, help="offered requests per second")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--a", type=float, default=0.050, help="seconds per batch")
-    parser.add_argument("--b", type=float, default=0.005, help="seconds per request in a batch")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--rate", type=float, nargs="+", default=[200.0], help="offered requests per second")
+    parser.add_argument("--clients", type=int, default=1, help="load-generating actors (one CPU each)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per rate")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds at the lowest rate before measuring")
+    parser.add_argument("--a", type=float, default=0.050, help="sim: seconds per batch")
+    parser.add_argument("--b", type=float, default=0.005, help="sim: seconds per request in a batch")
+    parser.add_argument("--width", type=int, default=16, help="sim: values per request")
+    parser.add_argument("--size", type=int, default=224, help="ResNets: image side")
+    parser.add_argument("--distinct-items", type=int, default=16, help="requests each client cycles through")
+    parser.add_argument("--max-batch-size", type=int, help="default: 16 for sim, 64 for the ResNets")
     parser.add_argument("--wait-ms", type=float, default=5.0)
     parser.add_argument("--max-ongoing", type=int, default=512)
     parser.add_argument("--out", default="benchmarks/results/ray-serve-cpu", help="path without extension")
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 2, max(args.replicas)), include_dashboard=False,
-             log_to_driver=False)
+    args.model = args.model or ("resnet50" if args.device == "cuda" else "sim")
+    args.max_batch_size = args.max_batch_size or (16 if args.model == "sim" else 64)
+    args.workload = "sim" if args.model == "sim" else "classify"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+    return args
+
+
+def describe_model(args: argparse.Namespace) -> str:
+    if args.model == "sim":
+        return f"sleep({args.a} + {args.b}*n) per batch"
+    precision = "float16 channels_last" if args.device == "cuda" else "float32"
+    return f"torchvision {args.model} (random weights, {precision}), uint8 {args.size}x{args.size} images, eager"
+
+
+def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
+    report = {"machine": machine(args.device), "device": args.device, "command": " ".join(["python"] + sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "ray": ray.__version__, "torch": torch.__version__, "model": describe_model(args),
+              "settings": vars(args), "results": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Ray Serve: batchplex vs @serve.batch ({args.device})", "",
+             f"Machine: {report['machine']}; Ray {ray.__version__}; torch {torch.__version__}; {report['date']}", "",
+             f"Command: `{report['command']}`", "",
+             f"Model: {report['model']}; max batch {args.max_batch_size}, wait {args.wait_ms} ms; Poisson arrivals "
+             f"from {args.clients} client actor(s) through deployment handles, {args.seconds:g} s per rate.", "",
+             "| engine | replicas | offered req/s | completed req/s | p50 ms | p99 ms | mean batch | refused/errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['engine']} | {row['replicas']} | {row['offered_rps']:g} | {row['throughput_rps']} | "
+                     f"{row['p50_ms']} | {row['p99_ms']} | {row['mean_batch_size']} | "
+                     f"{row['refused']}/{row['errors']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    args = parse_args()
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 2, max(args.replicas) + args.clients + 1),
+             include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1"}, logging_config={"log_level": "WARNING"})
     rows = []
     try:
         for replicas in args.replicas:
             for engine in args.engines:
-                rows.append(run_one(engine, replicas, args))
-                print(json.dumps(rows[-1]), flush=True)
+                rows += run_deployment(engine, replicas, args)
     finally:
         serve.shutdown()
         ray.shutdown()
-    report = {"machine": machine(args.device), "device": args.device, "command": " ".join(["python"] + sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "ray": ray.__version__, "torch": torch.__version__,
-              "model": f"sleep({args.a} + {args.b}*n) per batch", "settings": vars(args), "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Ray Serve: batchplex vs @serve.batch ({args.device})", "",
-             f"Machine: {report['machine']}; Ray {ray.__version__}; {report['date']}", "",
-             f"Command: `{report['command']}`", "",
-             f"Simulated model {report['model']}; max batch {args.max_batch_size}, wait {args.wait_ms} ms; "
-             f"Poisson arrivals at {args.rate:g} req/s for {args.seconds:g} s through a deployment handle.", "",
-             "| engine | replicas | sent | completed req/s | p50 ms | p99 ms | mean batch | refused/errors |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['engine']} | {row['replicas']} | {row['sent']} | {row['throughput_rps']} | "
-                     f"{row['p50_ms']} | {row['p99_ms']} | {row['mean_batch_size']} | "
-                     f"{row['refused']}/{row['errors']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args, rows)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ every workload on that replica's device. `build_app` turns a list of `WorkloadSp
 `collect_statistics` gathers ``statistics()`` from every replica.
 """
 
-from .codec import decode_item, encode_image, encode_result
+from .codec import compact_result, decode_item, encode_image, encode_result
 from .deployment import BatchplexDeployment, build_app, collect_statistics
 from .spec import WorkloadSpec
 
-__all__ = ["BatchplexDeployment", "WorkloadSpec", "build_app", "collect_statistics", "decode_item", "encode_image",
-           "encode_result"]
+__all__ = ["BatchplexDeployment", "WorkloadSpec", "build_app", "collect_statistics", "compact_result", "decode_item",
+           "encode_image", "encode_result"]

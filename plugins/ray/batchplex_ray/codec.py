@@ -9,6 +9,7 @@ A request body is ``{"item": ..., "params": {...}, "priority": 0, "timeout": 1.5
   image (``dtype`` default ``uint8``); 4x smaller than nested lists for images.
 
 Results: tensors and numpy arrays become nested lists; dicts, lists and tuples are converted member by member.
+Handle callers get results as they are, after `compact_result`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from batchplex import InvalidRequestError
+from batchplex.collate import map_tensors
 
-__all__ = ["decode_item", "encode_result", "encode_image"]
+__all__ = ["compact_result", "decode_item", "encode_image", "encode_result"]
 
 
 def decode_item(item: Any) -> Any:
@@ -69,6 +71,22 @@ def encode_result(result: Any) -> Any:
     if isinstance(result, (list, tuple)):
         return [encode_result(value) for value in result]
     return result
+
+
+def compact_result(result: Any) -> Any:
+    """``result`` with every tensor that is a view into a larger storage copied into one of its own.
+
+    Adapters split a batch's output into per-request views (no copy per row), and pickling a view writes its whole
+    storage: a ResNet's one row of logits would travel back to its Ray caller with the 63 other rows of its batch
+    (128 KB instead of 2 KB at batch 64, fp16). Tensors that own their storage pass through.
+    """
+    return map_tensors(_own_storage, result)
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def _torch_dtype(name: str) -> torch.dtype:

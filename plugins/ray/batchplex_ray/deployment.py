@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .codec import decode_item, encode_result
+from .codec import compact_result, decode_item, encode_result
 from .spec import WorkloadSpec
 
 __all__ = ["BatchplexDeployment", "HTTP_STATUS", "build_app", "collect_statistics"]
@@ -68,8 +68,9 @@ class BatchplexDeployment:
 
     async def submit(self, workload: str, item: Any, *, priority: int = 0, timeout: float | None = None,
                      **params: Any) -> Any:
-        """One request's result, batched with whatever else this replica is running."""
-        return await self.scheduler.submit(workload, item, priority=priority, timeout=timeout, **params)
+        """One request's result, batched with whatever else this replica is running (see `compact_result`)."""
+        return compact_result(await self.scheduler.submit(workload, item, priority=priority, timeout=timeout,
+                                                          **params))
 
     async def statistics(self) -> dict[str, Any]:
         """This replica's id and its scheduler's ``statistics()``."""
@@ -89,8 +90,8 @@ class BatchplexDeployment:
         except ValueError as error:  # json.JSONDecodeError is a ValueError
             return _error_response(400, "BadRequest", str(error))
         try:
-            result = await self.submit(name, decode_item(body["item"]), priority=body.get("priority", 0),
-                                       timeout=body.get("timeout"), **body.get("params", {}))
+            result = await self.scheduler.submit(name, decode_item(body["item"]), priority=body.get("priority", 0),
+                                                 timeout=body.get("timeout"), **body.get("params", {}))
         except BatchplexError as error:
             return _error_response(_status(error), type(error).__name__, str(error),
                                    {"Retry-After": "1"} if isinstance(error, QueueFullError) else None)

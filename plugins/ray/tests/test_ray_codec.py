@@ -8,7 +8,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from batchplex import InvalidRequestError
-from batchplex_ray import decode_item, encode_image, encode_result
+from batchplex_ray import compact_result, decode_item, encode_image, encode_result
 from batchplex_ray.deployment import _status
 
 
@@ -53,3 +53,14 @@ def test_malformed_tensor_forms_are_invalid_requests(item, rule):
     with pytest.raises(InvalidRequestError) as caught:
         decode_item(item)
     assert caught.value.rule == rule
+
+
+def test_compact_result_gives_each_row_view_its_own_storage():
+    batch_output = torch.arange(64 * 1000, dtype=torch.float16).view(64, 1000)
+    rows = list(batch_output.unbind(0))
+    result = {"logits": rows[5], "labels": [rows[6][:3]], "whole": batch_output, "name": "x"}
+    compact = compact_result(result)
+    assert torch.equal(compact["logits"], rows[5]) and torch.equal(compact["labels"][0], rows[6][:3])
+    assert compact["whole"] is batch_output and compact["name"] == "x"
+    one_row = len(ray.cloudpickle.dumps(torch.zeros(1000, dtype=torch.float16)))
+    assert len(ray.cloudpickle.dumps(compact["logits"])) <= one_row < len(ray.cloudpickle.dumps(rows[5])) / 10
