@@ -3,11 +3,14 @@
 #
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
-# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools.
+# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also ray
+# (Ray Serve on every GPU of the machine, one replica per GPU; needs BATCHPLEX_RAY_BUNDLE).
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
 #                         /tmp/batchplex-site and put on PYTHONPATH; skipped when unset
 #   BATCHPLEX_MINILM_DIR  MiniLM's config.json and tokenizer files (NLP tests and benchmark, random weights)
+#   BATCHPLEX_RAY_BUNDLE  folder of an offline Ray Serve bundle (its install.sh TARGET_DIR; benchmarks/README.md),
+#                         unpacked into /tmp/batchplex-ray and put on PYTHONPATH; skipped when unset
 # Every stage appends to OUT_DIR/gpu.log; a failing stage is logged and the next one still runs. At the end the
 # results folder is packed into OUT_DIR/results.tgz. The exit status is the number of failed stages.
 set -u -o pipefail
@@ -25,8 +28,12 @@ if [ -n "${BATCHPLEX_WHEELS:-}" ]; then
         --target /tmp/batchplex-site "$BATCHPLEX_WHEELS"/*.whl 2>&1 | tee -a "$log"
     export PYTHONPATH=/tmp/batchplex-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -n "${BATCHPLEX_RAY_BUNDLE:-}" ]; then
+    bash "$BATCHPLEX_RAY_BUNDLE/install.sh" /tmp/batchplex-ray 2>&1 | tail -1 | tee -a "$log"
+    export PYTHONPATH=/tmp/batchplex-ray${PYTHONPATH:+:$PYTHONPATH}
+fi
 $python -m pip install -q --no-deps --no-build-isolation -e . -e plugins/vision -e plugins/nlp -e plugins/recsys \
-    -e tests/sample_plugin 2>&1 | tail -3 | tee -a "$log"
+    -e plugins/ray -e tests/sample_plugin 2>&1 | tail -3 | tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 
 minilm=(--model-dir "${BATCHPLEX_MINILM_DIR:-}")
@@ -53,6 +60,13 @@ stage_tools() {
         && $python -m batchplex.cli profile classify --device cuda --latency-budget-ms 10 --max-batch 512 \
             --out benchmarks/results/profile-classify-cuda \
         && timeout 90 $python -m batchplex.cli demo --device cuda --duration 30 --no-live
+}
+
+# ResNet-50 behind 1 and 2 replicas, batchplex vs @serve.batch, then what Ray passes to one replica with no model.
+# Rates suit a replica's Ray ceiling of about 550 requests/s on the gVisor H200 hosts (ray-call-ceiling-cuda.md).
+stage_ray() {
+    $python benchmarks/ray_serve.py --device cuda --clients 4 --rate ${BATCHPLEX_RAY_RATES:-200 400 800} --seconds 4 \
+        --out benchmarks/results/ray-serve-cuda && $python benchmarks/ray_call_ceiling.py
 }
 
 failed=0
