@@ -123,6 +123,7 @@ def test_handles_and_http_give_each_request_its_own_result(served):
     want_texts = asyncio.run(alone("embed", TEXTS))
     for got, want in zip(by_handle, want_images[:6] + want_texts):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size()  # not its batch's whole output
     assert all(response.status_code == 200 for response in by_http), [r.text for r in by_http]
     for response, want in zip(by_http, want_images[6:] + want_texts):
         np.testing.assert_allclose(response.json()["result"], want.numpy(), atol=ATOL, rtol=0)
