@@ -4,7 +4,7 @@
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
 # Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also ray
-# (Ray Serve on every GPU of the machine, one replica per GPU; needs BATCHPLEX_RAY_BUNDLE).
+# (Ray Serve with 1 and 2 replicas, one GPU each: a machine of two or more GPUs; needs BATCHPLEX_RAY_BUNDLE).
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
 #                         /tmp/batchplex-site and put on PYTHONPATH; skipped when unset
@@ -29,8 +29,12 @@ if [ -n "${BATCHPLEX_WHEELS:-}" ]; then
     export PYTHONPATH=/tmp/batchplex-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -n "${BATCHPLEX_RAY_BUNDLE:-}" ]; then
-    bash "$BATCHPLEX_RAY_BUNDLE/install.sh" /tmp/batchplex-ray 2>&1 | tail -1 | tee -a "$log"
-    export PYTHONPATH=/tmp/batchplex-ray${PYTHONPATH:+:$PYTHONPATH}
+    if bash "$BATCHPLEX_RAY_BUNDLE/install.sh" /tmp/batchplex-ray >>"$log" 2>&1; then
+        export PYTHONPATH=/tmp/batchplex-ray${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "the Ray bundle in $BATCHPLEX_RAY_BUNDLE did not install (see the log): the ray stage will fail" \
+            | tee -a "$log"
+    fi
 fi
 $python -m pip install -q --no-deps --no-build-isolation -e . -e plugins/vision -e plugins/nlp -e plugins/recsys \
     -e plugins/ray -e tests/sample_plugin 2>&1 | tail -3 | tee -a "$log"

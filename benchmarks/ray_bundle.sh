@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build an offline Ray Serve bundle for a GPU machine without internet (Python 3.12, x86-64), for gpu_run.sh's ray stage.
+# Build an offline Ray Serve bundle for a GPU machine without internet (Python 3.12, x86-64): gpu_run.sh's ray stage.
 #
 #   benchmarks/ray_bundle.sh OUT_DIR        # then, there: BATCHPLEX_RAY_BUNDLE=OUT_DIR benchmarks/gpu_run.sh OUT ray
 #
@@ -31,7 +31,10 @@ done
 for part in jars rllib tune train data llm serve/llm air; do
     rm -rf "$tree/ray/$part"
 done
-find "$tree" -maxdepth 1 -name '*.data' -exec rm -rf {} +
+if compgen -G "$tree/*.data" >/dev/null; then  # pip would move their contents; unpacking alone cannot
+    echo "a pinned wheel has a .data folder ($(cd "$tree" && echo *.data)): unpack it as pip would" >&2
+    exit 1
+fi
 find "$tree" -type d -name __pycache__ -prune -exec rm -rf {} +
 find "$tree/ray" -type d -name tests -prune -exec rm -rf {} +
 find "$tree/ray" \( -name '*.pyi' -o -name '*.map' \) -delete

@@ -11,25 +11,23 @@ Models (``--model``):
   each batch the usual way, in a worker thread. Each replica owns one GPU (``num_gpus: 1``).
 
 Load: ``--clients`` Ray actors each send Poisson arrivals at ``rate / clients`` per second for ``--seconds`` through
-their own deployment handle (one client process tops out near 1-2k Ray calls per second, below a GPU's ResNet-50
-rate). Each configuration reports, per offered rate, completed requests/s, p50/p99 latency, the mean batch size of
-that window and refusals.
+their own deployment handle. Each configuration reports, per offered rate, completed requests/s, p50/p99 latency,
+the mean batch size of that window and refusals. Keep the rates near what Ray passes to a replica on the machine
+(`ray_call_ceiling.py`): beyond it both deployments only queue.
 
     python benchmarks/ray_serve.py --device cpu --rate 200 --seconds 5 --out benchmarks/results/ray-serve-cpu
-    python benchmarks/ray_serve.py --device cuda --clients 8 --rate 1000 2000 4000 --out benchmarks/results/ray-serve-cuda
+    python benchmarks/ray_serve.py --device cuda --clients 4 --rate 200 400 800 --seconds 4 \
+        --out benchmarks/results/ray-serve-cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import functools
 import json
 import os
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torchvision
 from batchplex import BatchPolicy, BatchplexError
 from batchplex_ray import WorkloadSpec, build_app, collect_statistics
 from batchplex_vision.classification import IMAGENET_MEAN, IMAGENET_STD
+from harness import machine
 from ray import serve
 
 ENGINES = ("batchplex", "ray-serve-batch")
@@ -115,9 +114,9 @@ class RayBatchDeployment:
 
 def make_items(kind: str, width: int, size: int, count: int, seed: int) -> list[torch.Tensor]:
     """Requests made before the timed window: uint8 images for the ResNets, float rows for ``sim``."""
-    generator = torch.Generator().manual_seed(seed)
     if kind == "sim":
         return [torch.ones(width)] * count
+    generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(count)]
 
 
@@ -171,12 +170,14 @@ def offer_load(clients: list, rate: float, seconds: float, seed: int) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
 
 
-def batches_so_far(handle, replicas: int) -> tuple[int, int, list[int]]:
-    """Batches and requests completed so far over all replicas, and the requests of each replica."""
-    reports = asyncio.run(collect_statistics(handle, replicas)).values()
-    stats = [next(iter(report["workloads"].values())) for report in reports]
-    return (sum(s["batches"] for s in stats), sum(s["completed"] for s in stats),
-            [s["completed"] for s in stats])
+def batches_so_far(handle, replicas: int) -> dict[str, tuple[int, int]]:
+    """``{replica id: (batches, requests completed)}`` so far."""
+    reports = asyncio.run(collect_statistics(handle, replicas))
+    counts = {}
+    for replica, report in reports.items():
+        stats = next(iter(report["workloads"].values()))
+        counts[replica] = (stats["batches"], stats["completed"])
+    return counts
 
 
 def deploy(engine: str, replicas: int, args: argparse.Namespace):
@@ -209,12 +210,14 @@ def run_deployment(engine: str, replicas: int, args: argparse.Namespace) -> list
     try:
         offer_load(clients, min(args.rate), args.warmup, seed=0)
         for rate in args.rate:
-            batches, completed, per_replica = batches_so_far(handle, replicas)
+            before = batches_so_far(handle, replicas)
             result = offer_load(clients, rate, args.seconds, seed=1)
-            batches_after, completed_after, per_replica_after = batches_so_far(handle, replicas)
-            ran = batches_after - batches
-            result["mean_batch_size"] = round((completed_after - completed) / ran, 2) if ran else None
-            result["per_replica_completed"] = [a - b for a, b in zip(per_replica_after, per_replica)]
+            after = batches_so_far(handle, replicas)
+            ran = {replica: (after[replica][0] - before[replica][0], after[replica][1] - before[replica][1])
+                   for replica in after}
+            batches = sum(b for b, _ in ran.values())
+            result["mean_batch_size"] = round(sum(c for _, c in ran.values()) / batches, 2) if batches else None
+            result["per_replica_completed"] = sorted(c for _, c in ran.values())
             rows.append({"engine": engine, "replicas": replicas, **result})
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -222,18 +225,6 @@ def run_deployment(engine: str, replicas: int, args: argparse.Namespace) -> list
             ray.kill(client)
         serve.delete(APP)
     return rows
-
-
-def machine(device: str) -> str:
-    if device == "cuda" and torch.cuda.is_available():
-        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args() -> argparse.Namespace:
@@ -259,8 +250,9 @@ def parse_args() -> argparse.Namespace:
     args.model = args.model or ("resnet50" if args.device == "cuda" else "sim")
     args.max_batch_size = args.max_batch_size or (16 if args.model == "sim" else 64)
     args.workload = "sim" if args.model == "sim" else "classify"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA device")
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.replicas):
+        parser.error(f"--replicas {max(args.replicas)} on cuda needs as many GPUs (one per replica), found "
+                     f"{torch.cuda.device_count()}")
     return args
 
 
@@ -272,15 +264,17 @@ def describe_model(args: argparse.Namespace) -> str:
 
 
 def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
-    report = {"machine": machine(args.device), "device": args.device, "command": " ".join(["python"] + sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "ray": ray.__version__, "torch": torch.__version__, "model": describe_model(args),
+    stamp = machine()
+    if args.device == "cuda":
+        stamp["machine"] = f"{torch.cuda.device_count()}x {stamp['machine']}"
+    report = {**stamp, "device": args.device, "ray": ray.__version__, "model": describe_model(args),
               "settings": vars(args), "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Ray Serve: batchplex vs @serve.batch ({args.device})", "",
-             f"Machine: {report['machine']}; Ray {ray.__version__}; torch {torch.__version__}; {report['date']}", "",
+             f"Machine: {report['machine']} ({report['cpus']} CPUs); Ray {ray.__version__}; torch {torch.__version__}; "
+             f"{report['date']}", "",
              f"Command: `{report['command']}`", "",
              f"Model: {report['model']}; max batch {args.max_batch_size}, wait {args.wait_ms} ms; Poisson arrivals "
              f"from {args.clients} client actor(s) through deployment handles, {args.seconds:g} s per rate.", "",

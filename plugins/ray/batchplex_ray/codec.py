@@ -78,15 +78,25 @@ def compact_result(result: Any) -> Any:
 
     Adapters split a batch's output into per-request views (no copy per row), and pickling a view writes its whole
     storage: a ResNet's one row of logits would travel back to its Ray caller with the 63 other rows of its batch
-    (128 KB instead of 2 KB at batch 64, fp16). Tensors that own their storage pass through.
+    (128 KB instead of 2 KB at batch 64, fp16). A view is copied into its own elements (an expanded view into the
+    distinct elements it reads, strides kept); tensors that own their storage, and sparse or nested ones, pass
+    through.
     """
     return map_tensors(_own_storage, result)
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+    if tensor.layout is not torch.strided or tensor.is_nested:
+        return tensor
+    if tensor.numel() == 0:
         return tensor.clone()
-    return tensor
+    reach = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    if tensor.untyped_storage().nbytes() <= reach * tensor.element_size():
+        return tensor
+    if reach < tensor.numel():  # an expanded view: copy its distinct elements and keep its strides
+        own = tensor.as_strided((reach,), (1,), tensor.storage_offset()).clone()
+        return own.as_strided(tensor.shape, tensor.stride())
+    return tensor.clone()
 
 
 def _torch_dtype(name: str) -> torch.dtype:

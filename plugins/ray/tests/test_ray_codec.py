@@ -64,3 +64,15 @@ def test_compact_result_gives_each_row_view_its_own_storage():
     assert compact["whole"] is batch_output and compact["name"] == "x"
     one_row = len(ray.cloudpickle.dumps(torch.zeros(1000, dtype=torch.float16)))
     assert len(ray.cloudpickle.dumps(compact["logits"])) <= one_row < len(ray.cloudpickle.dumps(rows[5])) / 10
+
+
+def test_compact_result_keeps_expanded_and_strided_views_small_and_passes_sparse_through():
+    batch_output = torch.arange(64 * 1000, dtype=torch.float16).view(64, 1000)
+    expanded = batch_output[5:6].expand(200, 1000)  # one row seen 200 times: one row's storage is enough
+    column = batch_output[:, 7]  # strided: 64 elements spread over the whole batch
+    sparse = torch.eye(3).to_sparse()
+    compact = compact_result([expanded, column, sparse])
+    assert torch.equal(compact[0], expanded) and compact[0].stride() == expanded.stride()
+    assert compact[0].untyped_storage().nbytes() == 1000 * 2
+    assert torch.equal(compact[1], column) and compact[1].untyped_storage().nbytes() == 64 * 2
+    assert compact[2] is sparse
