@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
-# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also ray
+# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop, and ray
 # (Ray Serve with 1 and 2 replicas, one GPU each: a machine of two or more GPUs; needs BATCHPLEX_RAY_BUNDLE).
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
@@ -53,6 +53,8 @@ stage_recsys() {
     $python benchmarks/recsys_collate.py --device cuda && $python benchmarks/recsys_dlrm.py --device cuda
 }
 stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
+# The open-loop load generator's own cost on this host's event loop (read with the half-load rows of vision and nlp).
+stage_loop() { $python benchmarks/open_loop_cost.py; }
 stage_generation() { $python benchmarks/generation_throughput.py --device cuda; }
 # The out-of-memory case is slow on a real GPU (each wave allocates until CUDA refuses): a quarter of its requests.
 stage_reliability() {

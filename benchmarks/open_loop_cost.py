@@ -17,6 +17,7 @@ import asyncio
 import time
 from typing import Any
 
+import torch
 from harness import open_loop, write_results
 
 
@@ -45,7 +46,8 @@ def main() -> None:
         print(row, flush=True)
     table = [[f"{row['rate']:,.0f}", f"{row['cpu_us_per_request']:.1f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}"]
              for row in rows]
-    path = write_results("open-loop-cost-cpu", {"settings": vars(args), "results": rows}, table,
+    stem = "open-loop-cost-" + ("gpu-host" if torch.cuda.is_available() else "cpu")  # the host's CPU either way
+    path = write_results(stem, {"settings": vars(args), "results": rows}, table,
                          ["offered /s", "CPU µs/request", "reported latency p50 ms", "p99 ms"])
     print(path.read_text())
 
