@@ -39,6 +39,7 @@ from batchplex import BatchPolicy, BatchplexError
 from batchplex_ray import WorkloadSpec, build_app, collect_statistics
 from batchplex_vision.classification import IMAGENET_MEAN, IMAGENET_STD
 from harness import machine
+from vision_common import uint8_image
 from ray import serve
 
 ENGINES = ("batchplex", "ray-serve-batch")
@@ -116,8 +117,8 @@ def make_items(kind: str, width: int, size: int, count: int, seed: int) -> list[
     """Requests made before the timed window: uint8 images for the ResNets, float rows for ``sim``."""
     if kind == "sim":
         return [torch.ones(width)] * count
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(count)]
+    rng = random.Random(seed)
+    return [uint8_image(rng, size, size) for _ in range(count)]
 
 
 @ray.remote(num_cpus=1)
@@ -130,20 +131,22 @@ class LoadClient:
         self.prefix = (workload,) if engine == "batchplex" else ()
 
     async def offer(self, rate: float, seconds: float, seed: int) -> dict:
-        """Poisson arrivals at ``rate``/s for ``seconds``; each completed request's latency in seconds."""
+        """Poisson arrivals at ``rate``/s for ``seconds``; each completed request's latency in seconds, and the
+        first failure other than a batchplex refusal (type and message), if any."""
         rng = random.Random(seed)
-        latencies, refused, errors = [], 0, 0
+        latencies, refused, errors, first_error = [], 0, 0, None
 
         async def one(item: torch.Tensor) -> None:
-            nonlocal refused, errors
+            nonlocal refused, errors, first_error
             sent = time.perf_counter()
             try:
                 await self.handle.submit.remote(*self.prefix, item)
                 latencies.append(time.perf_counter() - sent)
             except BatchplexError:
                 refused += 1
-            except Exception:  # Ray's own overload or failures: counted, not fatal
+            except Exception as error:  # Ray's own overload or failures: counted, not fatal
                 errors += 1
+                first_error = first_error or f"{type(error).__name__}: {error}"
 
         tasks = []
         start = time.perf_counter()
@@ -154,7 +157,7 @@ class LoadClient:
             tasks.append(asyncio.ensure_future(one(self.items[len(tasks) % len(self.items)])))
         await asyncio.gather(*tasks)
         return {"sent": len(tasks), "latencies": latencies, "refused": refused, "errors": errors,
-                "elapsed_s": time.perf_counter() - start}
+                "first_error": first_error, "elapsed_s": time.perf_counter() - start}
 
 
 def offer_load(clients: list, rate: float, seconds: float, seed: int) -> dict:
@@ -165,6 +168,7 @@ def offer_load(clients: list, rate: float, seconds: float, seed: int) -> dict:
     elapsed = max(share["elapsed_s"] for share in shares)
     return {"offered_rps": rate, "sent": sum(share["sent"] for share in shares), "completed": len(ms),
             "refused": sum(share["refused"] for share in shares), "errors": sum(share["errors"] for share in shares),
+            "first_error": next((share["first_error"] for share in shares if share["first_error"]), None),
             "elapsed_s": round(elapsed, 3), "throughput_rps": round(len(ms) / elapsed, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
@@ -284,6 +288,10 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
         lines.append(f"| {row['engine']} | {row['replicas']} | {row['offered_rps']:g} | {row['throughput_rps']} | "
                      f"{row['p50_ms']} | {row['p99_ms']} | {row['mean_batch_size']} | "
                      f"{row['refused']}/{row['errors']} |")
+    failures = [f"First error, {row['engine']} on {row['replicas']} replica(s) at {row['offered_rps']:g}/s: "
+                f"{row['first_error']}" for row in rows if row.get("first_error")]
+    if failures:
+        lines += ["", *failures]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
