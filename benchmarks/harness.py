@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import json
 import os
 import platform
@@ -110,39 +111,92 @@ async def saturate(scheduler: Any, workload: str, make_request: Callable[[random
             "cpu_us_per_request": (time.process_time() - cpu_started) / max(done, 1) * 1e6}
 
 
+class GcPauses:
+    """Python's garbage collections while a window runs: how many of each generation, and the longest pause.
+
+    Why: a collection holds the GIL, so every thread (event loop, executor stages) stops for as long as it takes,
+    and a full one walks every tracked object that is not frozen. A latency tail that lines up with these pauses
+    is the collector's, not the scheduler's. Use as ``with GcPauses() as pauses: ...``, then ``pauses.summary()``.
+    """
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.longest_s = 0.0
+        self._started = 0.0
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.collections[info["generation"]] += 1
+        self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._note)
+
+    def summary(self) -> dict[str, Any]:
+        return {"gc_collections_by_generation": list(self.collections), "gc_longest_pause_ms": self.longest_s * 1e3}
+
+
+def gc_note(result: dict[str, Any]) -> str:
+    """A results-table note from `GcPauses.summary` fields: collections by generation and the longest pause."""
+    young, middle, full = result["gc_collections_by_generation"]
+    return f"GC {young}/{middle}/{full} (gen 0/1/2), longest {result['gc_longest_pause_ms']:.1f} ms"
+
+
 async def open_loop(scheduler: Any, workload: str, make_request: Callable[[random.Random], Any], *, rate: float,
-                    duration_s: float) -> dict[str, float]:
+                    duration_s: float) -> dict[str, Any]:
     """Poisson arrivals at ``rate`` requests/s for ``duration_s``: p50/p99 end-to-end latency in ms.
 
     Latency counts from when the generator sends a request (creates its task), so the time the task then waits for
-    a busy event loop is charged: the generator shares the loop with the scheduler, and costs it 14-25 µs per
-    request on a 2-core EPYC (`open_loop_cost.py`), which the closed loop (`saturate`) does not pay. Requests due
-    while the generator slept go out together when it wakes (``asyncio.sleep`` overshoots: epoll counts whole
-    milliseconds).
+    a busy event loop is charged: the generator shares the loop with the scheduler (its own cost per request:
+    `open_loop_cost.py`), which the closed loop (`saturate`) does not pay. Requests due while the generator slept
+    go out together when it wakes (``asyncio.sleep`` overshoots: epoll counts whole milliseconds). Only requests
+    still in flight are kept: holding every finished task made the heap grow with the window, and the full garbage
+    collections that walked it stalled every thread for up to 64 ms at 20k requests/s (2-core EPYC). The result
+    also says which collections ran in the window (`GcPauses`). The first request that fails is raised at the end.
     """
     loop = asyncio.get_running_loop()
     rng = random.Random(1)
     pool = [make_request(rng) for _ in range(256)]
     latencies: list[float] = []
+    in_flight: set[asyncio.Future] = set()
+    failures: list[BaseException] = []
 
     async def one(item: Any, sent: float) -> None:
         await scheduler.submit(workload, item)
         latencies.append(loop.time() - sent)
 
-    tasks = []
+    def finished(task: asyncio.Future) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())
+
+    sent = 0
     due = loop.time()
     stop = due + duration_s
-    while due < stop:
-        now = loop.time()
-        while due <= now and due < stop:
-            tasks.append(asyncio.ensure_future(one(pool[len(tasks) % len(pool)], now)))
-            due += rng.expovariate(rate)
-        await asyncio.sleep(max(0.0, due - loop.time()))
-    await asyncio.gather(*tasks)
+    with GcPauses() as pauses:
+        while due < stop:
+            now = loop.time()
+            while due <= now and due < stop:
+                task = asyncio.ensure_future(one(pool[sent % len(pool)], now))
+                in_flight.add(task)
+                task.add_done_callback(finished)
+                sent += 1
+                due += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+        while in_flight:
+            await asyncio.wait(set(in_flight))
+    if failures:
+        raise failures[0]
     ordered = sorted(latencies)
     return {"rate": rate, "requests": len(ordered),
             "p50_ms": ordered[len(ordered) // 2] * 1000,
-            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000}
+            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, **pauses.summary()}
 
 
 def write_results(stem: str, payload: dict[str, Any], table: list[list[str]], header: list[str]) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import graph_batch_sizes, model_only, open_loop, saturate, write_results
+from harness import gc_note, graph_batch_sizes, model_only, open_loop, saturate, write_results
 from nlp_common import ThreadedSubmit, lognormal_length, text, token_ids
 
 from batchplex import BatchPolicy, GraphedModel, Scheduler
@@ -145,18 +145,19 @@ async def main() -> None:
 
     ceiling_rate = only[f"batch {batch}"]["items_per_s"]
     rows = [[f"model only, {label}", f"{r['items_per_s']:.0f}", "", f"{r['ms_per_call']:.2f} (per call)",
-             "", "", ""] for label, r in only.items()]
+             "", "", "", ""] for label, r in only.items()]
     graph_rate = only.get(f"batch {batch}, CUDA graph", {}).get("items_per_s")
     rows += [[f"end to end, {seq}-token {kind}", f"{r['items_per_s']:.0f}",
               f"{r['items_per_s'] / ceiling_rate:.0%}" + (f" ({r['items_per_s'] / graph_rate:.0%} of the graph)"
                                                          if "graph" in kind and graph_rate else ""),
-              "", "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"] for kind, r in e2e.items()]
+              "", "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}", ""] for kind, r in e2e.items()]
     rows += [[f"open loop at 50% ({r['rate']:.0f}/s), {seq}-token {kind}", f"{r['requests'] / args.duration:.0f}",
-              "", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"]
-             for kind, r in half.items()]
+              "", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}",
+              gc_note(r)] for kind, r in half.items()]
     rows += [[f"mixed 5-512 tokens, {kind} ({r['tokens_per_s']:.0f} tokens/s)", f"{r['items_per_s']:.0f}", "", "",
-              "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}"] for kind, r in streams.items()]
-    header = ["measurement", "sequences/s", "of model only", "p50 ms", "p99 ms", "padded tokens", "mean batch"]
+              "", f"{r['padding_waste']:.0%}", f"{r['mean_batch']:.1f}", ""] for kind, r in streams.items()]
+    header = ["measurement", "sequences/s", "of model only", "p50 ms", "p99 ms", "padded tokens", "mean batch",
+              "garbage collections (half load)"]
     payload = {"model": f"MiniLM-L6 ({'random' if args.random_weights else 'real'} weights), {dtype}",
                "args": {k: str(v) for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
                "graph_batch_sizes": graph_batch_sizes(args.batch),

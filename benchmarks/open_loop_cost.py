@@ -5,7 +5,7 @@ the generator spends per request is taken from the scheduler; the closed-loop ru
 do not pay it. Here the "scheduler" answers at once, so what is measured is the generator alone: its CPU per
 request, and the p50/p99 of the latency it reports, which is the time each request's task waited for the loop: the
 floor of any latency `open_loop` measures at that rate on this machine, and where it grows, the rate at which the
-generator alone saturates the loop.
+generator alone saturates the loop; and the garbage collections each window ran, with the longest pause.
 
     python benchmarks/open_loop_cost.py
 """
@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import torch
-from harness import open_loop, write_results
+from harness import gc_note, open_loop, write_results
 
 
 class InstantScheduler:
@@ -32,8 +32,7 @@ async def measure(rate: float, duration_s: float) -> dict[str, float]:
     cpu = time.process_time()
     result = await open_loop(InstantScheduler(), "instant", lambda rng: None, rate=rate, duration_s=duration_s)
     cpu = time.process_time() - cpu
-    return {"rate": rate, "cpu_us_per_request": cpu / result["requests"] * 1e6, "p50_ms": result["p50_ms"],
-            "p99_ms": result["p99_ms"]}
+    return {**result, "cpu_us_per_request": cpu / result["requests"] * 1e6}
 
 
 def main() -> None:
@@ -44,11 +43,12 @@ def main() -> None:
     rows = [asyncio.run(measure(rate, args.duration)) for rate in args.rates]
     for row in rows:
         print(row, flush=True)
-    table = [[f"{row['rate']:,.0f}", f"{row['cpu_us_per_request']:.1f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}"]
-             for row in rows]
+    table = [[f"{row['rate']:,.0f}", f"{row['cpu_us_per_request']:.1f}", f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}",
+              gc_note(row)] for row in rows]
     stem = "open-loop-cost-" + ("gpu-host" if torch.cuda.is_available() else "cpu")  # the host's CPU either way
     path = write_results(stem, {"settings": vars(args), "results": rows}, table,
-                         ["offered /s", "CPU µs/request", "reported latency p50 ms", "p99 ms"])
+                         ["offered /s", "CPU µs/request", "reported latency p50 ms", "p99 ms",
+                          "garbage collections"])
     print(path.read_text())
 
 

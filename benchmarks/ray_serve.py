@@ -136,9 +136,8 @@ class LoadClient:
         rng = random.Random(seed)
         latencies, refused, errors, first_error = [], 0, 0, None
 
-        async def one(item: torch.Tensor) -> None:
+        async def one(item: torch.Tensor, sent: float) -> None:
             nonlocal refused, errors, first_error
-            sent = time.perf_counter()
             try:
                 await self.handle.submit.remote(*self.prefix, item)
                 latencies.append(time.perf_counter() - sent)
@@ -148,15 +147,22 @@ class LoadClient:
                 errors += 1
                 first_error = first_error or f"{type(error).__name__}: {error}"
 
-        tasks = []
+        # Latency counts from the send (as in harness.open_loop), and only calls in flight are kept (a heap that
+        # grows with the window makes full garbage collections longer).
+        in_flight: set[asyncio.Future] = set()
+        sent = 0
         start = time.perf_counter()
         due = start
         while due - start < seconds:
             due += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(one(self.items[len(tasks) % len(self.items)])))
-        await asyncio.gather(*tasks)
-        return {"sent": len(tasks), "latencies": latencies, "refused": refused, "errors": errors,
+            task = asyncio.ensure_future(one(self.items[sent % len(self.items)], time.perf_counter()))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            sent += 1
+        while in_flight:
+            await asyncio.wait(set(in_flight))
+        return {"sent": sent, "latencies": latencies, "refused": refused, "errors": errors,
                 "first_error": first_error, "elapsed_s": time.perf_counter() - start}
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torchvision
-from harness import graph_batch_sizes, model_only, open_loop, saturate, write_results
+from harness import gc_note, graph_batch_sizes, model_only, open_loop, saturate, write_results
 from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
@@ -125,7 +125,7 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
              f"{loaded['cpu_us_per_request']:.0f} us CPU/request"],
             [f"{name}: open loop at 50% load ({label})", str(args.batch), f"{half['rate']:.0f} offered",
              f"{half['p50_ms']:.1f}", f"{half['p99_ms']:.1f}",
-             f"{half['requests']} requests; mean batch {half['mean_batch_size']:.1f}"]]
+             f"{half['requests']} requests; mean batch {half['mean_batch_size']:.1f}; {gc_note(half)}"]]
     return result, rows
 
 

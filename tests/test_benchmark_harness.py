@@ -1,0 +1,64 @@
+"""The benchmarks' open-loop load generator: what it keeps alive, what it reports, how it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+from benchmarks.harness import GcPauses, gc_note, open_loop
+
+
+class _Recording:
+    """Answers after ``delay_s``; at the 300th request, counts how many earlier requests' tasks are still alive."""
+
+    def __init__(self, delay_s: float = 0.001) -> None:
+        self.delay_s = delay_s
+        self.tasks: list[weakref.ref] = []
+        self.alive_at_300: int | None = None
+
+    async def submit(self, workload: str, item: object) -> object:
+        self.tasks.append(weakref.ref(asyncio.current_task()))
+        if len(self.tasks) == 300:
+            gc.collect()
+            self.alive_at_300 = sum(ref() is not None for ref in self.tasks[:-1])
+        await asyncio.sleep(self.delay_s)
+        return item
+
+
+async def test_open_loop_keeps_only_requests_in_flight_and_reports_collections() -> None:
+    scheduler = _Recording()
+    result = await open_loop(scheduler, "w", lambda rng: rng.random(), rate=3000.0, duration_s=0.4)
+    assert 600 <= result["requests"] <= 1800  # Poisson arrivals at 3,000/s for 0.4 s
+    assert result["p50_ms"] <= result["p99_ms"]
+    assert scheduler.alive_at_300 is not None
+    # At 3,000/s with 1 ms answers a handful are in flight; a generator holding every task keeps all 299 alive.
+    assert scheduler.alive_at_300 < 100
+    assert len(result["gc_collections_by_generation"]) == 3
+    assert result["gc_longest_pause_ms"] >= 0.0
+    assert gc_note(result).startswith("GC ")
+
+
+async def test_open_loop_raises_the_first_failure_after_the_window() -> None:
+    class Failing:
+        calls = 0
+
+        async def submit(self, workload: str, item: object) -> object:
+            Failing.calls += 1
+            if Failing.calls == 5:
+                raise ValueError("request 5 failed")
+            return item
+
+    with pytest.raises(ValueError, match="request 5 failed"):
+        await open_loop(Failing(), "w", lambda rng: 0, rate=2000.0, duration_s=0.1)
+    assert Failing.calls > 5  # the window went on after the failure
+
+
+def test_gc_pauses_counts_a_forced_full_collection() -> None:
+    with GcPauses() as pauses:
+        gc.collect()
+    summary = pauses.summary()
+    assert summary["gc_collections_by_generation"][2] >= 1
+    assert summary["gc_longest_pause_ms"] > 0.0
+    assert pauses._note not in gc.callbacks
