@@ -12,7 +12,8 @@ CUDA, float32 on the CPU), requests are single 3xSxS uint8 CHW tensors (S=224 by
 * latency at half load: open-loop Poisson arrivals at 50% of the end-to-end throughput, p50/p99 submit-to-result;
 * both end-to-end runs once per ``--switch-interval-us`` value (the interpreter's GIL switch interval): the thread
   that launches an eager model releases the GIL at every operator and may then wait up to one interval for the
-  event loop to give it back, so a shorter interval is the first thing to try when end to end trails model only.
+  event loop to give it back. On an H200 host 200 µs gained nothing over the default 5,000 µs, neither in throughput
+  nor in the half-load tail (`benchmarks/README.md`); the second run keeps that checked.
 
 Detection (``detection`` adapter): torchvision's fasterrcnn_mobilenet_v3_large_320_fpn (random weights, float32),
 requests are uint8 images with random heights and widths (so random aspect ratios), saturating closed-loop load,
