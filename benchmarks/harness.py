@@ -148,6 +148,16 @@ def gc_note(result: dict[str, Any]) -> str:
     return f"GC {young}/{middle}/{full} (gen 0/1/2), longest {result['gc_longest_pause_ms']:.1f} ms"
 
 
+def latency_target(p99_ms: float, max_wait_ms: float, batch_ms: float) -> dict[str, Any]:
+    """The half-load target: p99 below ``max_wait_ms`` plus two runs of a full batch (``batch_ms``, model only).
+
+    Why two runs: a request that just missed a batch waits for that batch to finish, then for its own."""
+    target_ms = max_wait_ms + 2 * batch_ms
+    return {"target_ms": target_ms, "met": p99_ms < target_ms,
+            "note": f"target {target_ms:.1f} ms (max_wait {max_wait_ms:g} + 2 x {batch_ms:.2f}): "
+                    f"{'met' if p99_ms < target_ms else 'missed'}"}
+
+
 async def open_loop(scheduler: Any, workload: str, make_request: Callable[[random.Random], Any], *, rate: float,
                     duration_s: float) -> dict[str, Any]:
     """Poisson arrivals at ``rate`` requests/s for ``duration_s``: p50/p99 end-to-end latency in ms.

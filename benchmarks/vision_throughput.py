@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torchvision
-from harness import gc_note, graph_batch_sizes, model_only, open_loop, saturate, write_results
+from harness import gc_note, graph_batch_sizes, latency_target, model_only, open_loop, saturate, write_results
 from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
@@ -116,6 +116,8 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
         if graphs:
             result.setdefault("end_to_end_over_graph_model_only", {})[label] = \
                 loaded["items_per_s"] / alone["batch_graph"]["items_per_s"]
+        half["target"] = latency_target(half["p99_ms"], args.max_wait_ms,
+                                        alone["batch_graph" if graphs else "batch"]["ms_per_call"])
         result[label] = {"end_to_end": loaded, "end_to_end_over_model_only": ratio, "half_load_latency": half}
         rows += [
             [f"{name}: end to end ({label}), {args.concurrency} submitters", str(args.batch),
@@ -126,7 +128,8 @@ async def classification(args: argparse.Namespace, device: torch.device) -> tupl
              f"{loaded['cpu_us_per_request']:.0f} us CPU/request"],
             [f"{name}: open loop at 50% load ({label})", str(args.batch), f"{half['rate']:.0f} offered",
              f"{half['p50_ms']:.1f}", f"{half['p99_ms']:.1f}",
-             f"{half['requests']} requests; mean batch {half['mean_batch_size']:.1f}; {gc_note(half)}"]]
+             f"{half['target']['note']}; {half['requests']} requests; mean batch {half['mean_batch_size']:.1f}; "
+             f"{gc_note(half)}"]]
     return result, rows
 
 

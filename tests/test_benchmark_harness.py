@@ -7,7 +7,7 @@ import gc
 import weakref
 
 import pytest
-from benchmarks.harness import GcPauses, gc_note, open_loop
+from benchmarks.harness import GcPauses, gc_note, latency_target, open_loop
 
 
 class _Recording:
@@ -62,3 +62,11 @@ def test_gc_pauses_counts_a_forced_full_collection() -> None:
     assert summary["gc_collections_by_generation"][2] >= 1
     assert summary["gc_longest_pause_ms"] > 0.0
     assert pauses._note not in gc.callbacks
+
+
+def test_latency_target_is_max_wait_plus_two_full_batches() -> None:
+    met = latency_target(10.0, max_wait_ms=2.0, batch_ms=4.3)
+    assert met["target_ms"] == pytest.approx(10.6)
+    assert met["met"] and met["note"].endswith(": met")
+    missed = latency_target(10.7, max_wait_ms=2.0, batch_ms=4.3)
+    assert not missed["met"] and missed["note"].endswith(": missed")
