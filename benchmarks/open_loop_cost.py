@@ -28,7 +28,7 @@ class InstantScheduler:
         return item
 
 
-async def measure(rate: float, duration_s: float) -> dict[str, float]:
+async def measure(rate: float, duration_s: float) -> dict[str, Any]:
     cpu = time.process_time()
     result = await open_loop(InstantScheduler(), "instant", lambda rng: None, rate=rate, duration_s=duration_s)
     cpu = time.process_time() - cpu
