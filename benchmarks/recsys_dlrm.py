@@ -10,7 +10,7 @@ on CUDA 100k x 64 tables and 512-wide MLPs, on the CPU 1000 x 16 tables and 64-w
   result before submitting again; ``BatchPolicy(max_batch_size=batch // samples, max_batch_cost=batch)``. Includes
   validation and flattening at submit, collation into one KeyedJaggedTensor, the pinned host-to-device copies,
   the model, the copy back and the split per request;
-* end to end, flattened at collate: the N-sample runs again with the adapter's ``flatten="collate"`` (requests
+* end to end, flattened at collate: each run again with the adapter's ``flatten="collate"`` (requests
   kept as given at submit, each batch read in one pass on the collate thread).
 
     python benchmarks/recsys_dlrm.py --device cuda
@@ -87,7 +87,8 @@ async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device,
 
 
 def components(args: argparse.Namespace, adapter: RankingAdapter, device: torch.device) -> dict[str, float]:
-    """Per-request prepare time and per-batch collate time (with the copies) for one-sample requests."""
+    """Per-request prepare time (on the event loop when served) and per-batch collate time (with the copies; on
+    the collate thread) for one-sample requests, with ``adapter``'s ``flatten`` setting."""
     rng = random.Random(2)
     requests = [random_request(rng, num_embeddings=args.num_embeddings) for _ in range(args.batch)]
     started = time.perf_counter()
@@ -104,15 +105,17 @@ async def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     model = build_dlrm(num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
                        hidden=args.hidden).to(device)
-    adapter = RankingAdapter().configure(keys=SPARSE_KEYS, table_sizes=table_sizes_of(model), dense_dim=DENSE_DIM)
+    options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM}
+    adapter = RankingAdapter(**options)
     rng = random.Random(1)
     batch = adapter.collate([adapter.prepare(random_request(rng, num_embeddings=args.num_embeddings))
                              for _ in range(args.batch)], device, args.batch)
     synchronize(device)
     alone = model_only(lambda: model(batch), args.batch, device, warmup=5, repeats=50)
-    parts = components(args, adapter, device)
+    parts = {flatten: components(args, RankingAdapter(**options, flatten=flatten), device)
+             for flatten in ("submit", "collate")}
     runs = [await end_to_end(args, model, device, samples, flatten) for samples in args.samples
-            for flatten in (("submit", "collate") if samples > 1 else ("submit",))]
+            for flatten in ("submit", "collate")]
 
     shape = (f"DLRM {len(SPARSE_KEYS)} x {args.num_embeddings} x {args.embedding_dim} tables, "
              f"{args.hidden}-wide MLPs")
@@ -127,9 +130,9 @@ async def main() -> None:
                      f"{run['mean_samples_per_batch']:.0f} samples per batch; host CPU "
                      f"{run['cpu_us_per_request']:.0f} us per request"])
         run["end_to_end_over_model_only"] = ratio
-    rows.append(["components (one-sample requests)", str(args.batch), "",
-                 f"prepare {parts['prepare_us_per_request']:.0f} us per request at submit; collate "
-                 f"{parts['collate_ms_per_batch']:.2f} ms per batch"])
+    rows += [[f"components (one-sample requests, flatten={flatten!r})", str(args.batch), "",
+              f"prepare {part['prepare_us_per_request']:.1f} us per request at submit; collate "
+              f"{part['collate_ms_per_batch']:.2f} ms per batch"] for flatten, part in parts.items()]
     rows.append(["host load average, 1/5/15 min (other jobs on the machine inflate every number)", "",
                  "/".join(f"{load:.1f}" for load in os.getloadavg()), ""])
     payload = {"batch": args.batch, "num_embeddings": args.num_embeddings, "embedding_dim": args.embedding_dim,

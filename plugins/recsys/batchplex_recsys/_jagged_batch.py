@@ -1,26 +1,30 @@
-"""``flatten="collate"``: N-sample ``JaggedTensor`` requests kept as given at submit and read a batch at a time.
+"""``flatten="collate"``: requests kept as given at submit and read a batch at a time on the collate thread.
 
-Why: prepared at submit, a 32-sample request of 26 ``JaggedTensor`` features costs about 20 tensor operations on
-the event loop, and under load each one waits to take the GIL back from the executor threads. With four
-workloads sharing an H200, the ranking requests' preparation alone kept the event loop 77% busy and held every
-other workload back. Deferred, a request costs a few attribute reads per feature at submit (`defer`: about 10 µs
-instead of 120 on a 2-core CPU), and its batch is read in one pass on the collate thread (`flatten_batch`): one
-concatenation of every request's lengths and one of its ids, already in the key-major order a `KeyedJaggedTensor`
-wants (no transpose), one check of the lengths, one range check of the ids and one of the dense values for the
-whole batch.
+Two forms are kept: N samples with a ``JaggedTensor`` per feature, and one sample with a 1-D id tensor per feature
+(and a 1-D dense tensor). Why: prepared at submit, a 32-sample request of 26 ``JaggedTensor`` features costs about
+20 tensor operations on the event loop, and a one-sample request of 26 id tensors one concatenation of 26 parts
+and a range check (25 µs on a 2-core CPU, 56 on an H200 host); under load each operation waits to take the GIL
+back from the executor threads. With four workloads sharing an H200, the ranking requests' preparation alone kept
+the event loop 77% busy and held every other workload back. Deferred, a request costs a few attribute reads per
+feature at submit (`defer`: about 10 µs instead of 120 for the 32-sample form on a 2-core CPU), and its batch is
+read in one pass on the collate thread (`flatten_batch`): one concatenation of every request's ids, already in
+the key-major order a `KeyedJaggedTensor` wants (no transpose), its lengths made once, one range check of the ids
+and one of the dense values for the whole batch.
 
 A request breaking a rule is then found with its batch, not at submit: `flatten_batch` returns None, the adapter
 prepares each request alone with `prepare_request` (which raises the precise `InvalidRequestError`), and the
 executor bisects the batch so that only that request fails, with the same error it would have had at submit
-(counted as failed, not rejected at submit). Only host tensors are kept: the collate thread reads on its own
-stream, which does not wait for kernels the caller may still be running on its tensors.
+(counted as failed, not rejected at submit). A batch mixing the two forms is also prepared request by request
+(correct, only slower). Only host tensors are kept: the collate thread reads on its own stream, which does not
+wait for kernels the caller may still be running on its tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, compress
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -32,16 +36,18 @@ from .spec import FeatureSpec
 
 __all__ = ["DeferredRanking", "FlatBatch", "defer", "flatten_batch"]
 
+_dtype = attrgetter("dtype")
+
 
 @dataclass(frozen=True, slots=True)
 class DeferredRanking:
-    """An N-sample request of ``JaggedTensor`` features, kept as given until its batch is collated."""
+    """A request kept as given until its batch is collated."""
 
     request: Any  # as submitted: prepared alone when its batch has to be read request by request
-    features: tuple  # one JaggedTensor per configured key, in key order
+    features: tuple  # per configured key, in key order: a JaggedTensor (N samples) or a 1-D id tensor (one sample)
     dense: Any
     samples: int
-    single: bool = False  # the N-sample form: the result is a block of rows
+    single: bool = False  # the one-sample form: the result is one output row, not a block of rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +62,21 @@ class FlatBatch:
 
 
 def defer(spec: FeatureSpec, item: Any, jagged_type: type) -> DeferredRanking | None:
-    """``item`` kept for its batch when every configured key holds a ``jagged_type`` (torchrec's JaggedTensor),
-    with no weights; None for every other form, which is then prepared at submit."""
+    """``item`` kept for its batch when every configured key holds a ``jagged_type`` (torchrec's JaggedTensor), or
+    every key a 1-D id tensor (one sample, with 1-D dense features), all on the host and with no weights; None for
+    every other form, which is then prepared at submit."""
     sparse, dense, weights = request_fields(item)
     if spec.weighted or weights or len(sparse) != len(spec.keys):  # a key left out, or an unknown one
         return None
     features = tuple(map(sparse.get, spec.keys))
+    # host tensors only: the collate thread reads on its own stream, which does not wait for the caller's kernels
+    if type(dense) is torch.Tensor and not dense.is_cpu:
+        return None
+    if all(type(feature) is torch.Tensor for feature in features):
+        return _one_sample(spec, item, features, dense)
     if not all(type(feature) is jagged_type for feature in features):
         return None
-    # host tensors only: the collate thread reads on its own stream, which does not wait for the caller's kernels
-    if not (all(feature.values().is_cpu and feature.lengths().is_cpu for feature in features)
-            and (type(dense) is not torch.Tensor or dense.is_cpu)):
+    if not all(feature.values().is_cpu and feature.lengths().is_cpu for feature in features):
         return None
     lengths = features[0].lengths()
     if lengths.dim() != 1 or not lengths.shape[0]:  # prepared at submit, which names what is wrong
@@ -74,9 +84,26 @@ def defer(spec: FeatureSpec, item: Any, jagged_type: type) -> DeferredRanking | 
     return DeferredRanking(item, features, dense, lengths.shape[0])
 
 
+def _one_sample(spec: FeatureSpec, item: Any, features: tuple, dense: Any) -> DeferredRanking | None:
+    """One sample: 1-D host id tensors and a vector of ``dense_dim`` values (none where the workload has none).
+    A 2-D id tensor is the N-sample form (one row per sample): prepared at submit, as is a dense part of another
+    shape (refused there, with the rule it breaks)."""
+    if not all(feature.dim() == 1 and feature.is_cpu for feature in features):
+        return None
+    expected = (spec.dense_dim,)
+    if (dense is not None or spec.dense_dim) and not (type(dense) is torch.Tensor and dense.shape == expected):
+        return None
+    return DeferredRanking(item, features, dense, 1, single=True)
+
+
 def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> FlatBatch | None:
     """The batch's ids, lengths and dense rows, with ``padding`` empty samples at the end; None when any request
-    breaks a rule (the caller then prepares each request alone to name it)."""
+    breaks a rule (the caller then prepares each request alone to name it) or the batch mixes the two forms."""
+    forms = {item.single for item in items}
+    if forms == {True}:
+        return _flatten_one_sample(spec, items, padding)
+    if forms != {False}:
+        return None
     counts = [item.samples for item in items]
     segments = [*counts, padding] if padding else counts  # one segment of lengths per request, and the padding
     empty = torch.zeros(padding, dtype=torch.int64) if padding else None  # one empty sample per padding request
@@ -99,7 +126,7 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
         return None
     try:
         lengths = torch.cat(lengths_parts).to(torch.int64)
-        values = torch.cat(values_parts).to(torch.int64) if values_parts else EMPTY_IDS
+        values = _cat_in_runs(values_parts).to(torch.int64) if values_parts else EMPTY_IDS
     except RuntimeError:  # parts of different dimensions
         return None
     if lengths.dim() != 1 or values.dim() != 1:
@@ -118,6 +145,39 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
     return FlatBatch(lengths, values, length_per_key, dense, sum(counts) + padding)
 
 
+def _flatten_one_sample(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> FlatBatch | None:
+    """A batch of one-sample requests: key by key, each request's id tensor is its sample's ids for that key, so
+    the lengths are the parts' sizes (and 0 for each padding sample)."""
+    requests, keys = len(items), len(spec.keys)
+    parts = [item.features[key] for key in range(keys) for item in items]
+    counts = list(map(torch.Tensor.numel, parts))
+    if 0 in counts:  # empty parts, whatever their dtype, hold no ids: left out, as at submit
+        parts = list(compress(parts, counts))
+    if not set(map(_dtype, parts)) <= INTEGER_DTYPES:
+        return None
+    values = _cat_in_runs(parts).to(torch.int64) if parts else EMPTY_IDS
+    per_key = [counts[key * requests:(key + 1) * requests] for key in range(keys)]
+    length_per_key = list(map(sum, per_key))
+    try:
+        check_range(spec, values, length_per_key)
+    except InvalidRequestError:
+        return None
+    dense = _dense_rows(spec, items, padding)
+    if dense is None:
+        return None
+    lengths = int64_tensor([length for lengths in per_key for length in (*lengths, *[0] * padding)])
+    return FlatBatch(lengths, values, length_per_key, dense, requests + padding)
+
+
+def _cat_in_runs(parts: list[torch.Tensor], run: int = 256) -> torch.Tensor:
+    """``torch.cat(parts)``, a few hundred parts at a time: one call over thousands of small parts costs far more
+    per part (a batch of 256 one-sample requests, 6,656 id tensors: 6.5 ms in one call, 1.0-1.5 ms in runs of
+    256, 2-core AMD EPYC). A cat of parts of different dimensions raises ``RuntimeError``, as one call would."""
+    if len(parts) <= run:
+        return torch.cat(parts)
+    return torch.cat([torch.cat(parts[start:start + run]) for start in range(0, len(parts), run)])
+
+
 def _lengths_match(lengths: torch.Tensor, ids_per_segment: list[int], segment_sizes: list[int]) -> bool:
     """Every length >= 0, and each segment's lengths add up to the ids its JaggedTensor holds."""
     if not lengths.numel():
@@ -131,18 +191,19 @@ def _lengths_match(lengths: torch.Tensor, ids_per_segment: list[int], segment_si
 
 
 def _dense_rows(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> torch.Tensor | None:
-    """Every request's dense rows stacked (zeros for the padding); None unless each request gave a finite
-    samples x dense_dim tensor (or no dense features, where the workload has none)."""
+    """Every request's dense rows stacked (zeros for the padding); None unless each request gave finite values, a
+    vector of ``dense_dim`` (one sample) or a samples x dense_dim tensor, or none where the workload has none."""
     width = spec.dense_dim
     if not width:
         return torch.zeros(sum(item.samples for item in items) + padding, 0) if all(
             item.dense is None for item in items) else None
     parts = [item.dense for item in items]
-    if not all(type(part) is torch.Tensor and part.shape == (item.samples, width)
+    if not all(type(part) is torch.Tensor and part.shape == ((width,) if item.single else (item.samples, width))
                for part, item in zip(parts, items)):
         return None
-    if padding:
-        parts.append(torch.zeros(padding, width))
     # each part to float32 first, as at submit: a cat would promote ints beside float16 rows to float16
-    rows = torch.cat([part if part.dtype is torch.float32 else part.to(torch.float32) for part in parts])
+    parts = [part if part.dtype is torch.float32 else part.to(torch.float32) for part in parts]
+    rows = torch.stack(parts) if items[0].single else torch.cat(parts)  # a batch holds one form
+    if padding:
+        rows = torch.cat([rows, rows.new_zeros(padding, width)])
     return rows if bool(torch.isfinite(rows).all()) else None

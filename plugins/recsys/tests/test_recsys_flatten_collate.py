@@ -1,6 +1,6 @@
-"""``flatten="collate"``: N-sample JaggedTensor requests are kept as given at submit and read a batch at a time.
-The batch must be exactly what requests prepared at submit give, and a request breaking a rule must fail alone,
-with the error it would have had at submit."""
+"""``flatten="collate"``: N-sample JaggedTensor requests and one-sample requests of 1-D id tensors are kept as given
+at submit and read a batch at a time. The batch must be exactly what requests prepared at submit give, and a request
+breaking a rule must fail alone, with the error it would have had at submit."""
 
 import asyncio
 import random
@@ -74,6 +74,77 @@ def test_dense_rows_and_empty_features_read_in_one_pass_as_at_submit():
     batch = ours.collate(items, torch.device("cpu"), 2)
     assert batch.dense_features[0].tolist() == [2049.0, 1.0]
     assert_same_batch(batch, submitted.collate([submitted.prepare(r) for r in requests], torch.device("cpu"), 2))
+
+
+def one_sample(rng, dtype=torch.int64, dense_dtype=torch.float32):
+    return {"sparse": {key: torch.tensor([rng.randrange(SIZES[key]) for _ in range(rng.randrange(4))], dtype=dtype)
+                       for key in KEYS},
+            "dense": torch.tensor([rng.random(), rng.random()]).to(dense_dtype)}
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_one_sample_requests_are_deferred_and_collate_exactly_like_requests_prepared_at_submit(device, padding):
+    rng = random.Random(5)
+    requests = [one_sample(rng, dtype, dense) for dtype, dense in (
+        (torch.int64, torch.float32), (torch.int32, torch.float16), (torch.int64, torch.float64), (torch.int16,
+                                                                                                   torch.float32))]
+    requests[1]["sparse"]["b"] = torch.tensor([])  # empty, float32: holds no ids, as at submit
+    deferred, submitted = adapter(), adapter("submit")
+    items = [deferred.prepare(r) for r in requests]
+    assert all(type(item) is DeferredRanking and item.single for item in items)
+    assert [deferred.cost(item) for item in items] == [1, 1, 1, 1]
+    assert flatten_batch(deferred.spec, items, padding) is not None  # read in one pass, not request by request
+    size = len(requests) + padding
+    assert_same_batch(deferred.collate(items, device, size),
+                      submitted.collate([submitted.prepare(r) for r in requests], device, size))
+    rows = deferred.split(torch.arange(size * 3.0).view(size, 3), items)
+    assert [row.tolist() for row in rows] == [[3.0 * i, 3.0 * i + 1, 3.0 * i + 2] for i in range(4)]
+
+
+def test_a_batch_mixing_both_deferred_forms_is_read_request_by_request_with_the_same_result(device):
+    rng = random.Random(6)
+    requests = [one_sample(rng), request(rng, 3), one_sample(rng)]
+    ours, submitted = adapter(), adapter("submit")
+    items = [ours.prepare(r) for r in requests]
+    assert [item.single for item in items] == [True, False, True]
+    assert flatten_batch(ours.spec, items, 0) is None
+    assert_same_batch(ours.collate(items, device, 4),
+                      submitted.collate([submitted.prepare(r) for r in requests], device, 4))
+    assert [tuple(part.shape) for part in ours.split(torch.zeros(6, 1), items)] == [(1,), (3, 1), (1,)]
+
+
+def test_one_sample_forms_that_are_not_deferred():
+    """2-D id tensors are the N-sample form; lists are read at submit by the fast path; a dense part of another
+    length is refused at submit with its rule."""
+    ours = adapter()
+    two_d = {"sparse": {key: torch.tensor([[1], [2]]) for key in KEYS}, "dense": torch.zeros(2, 2)}
+    assert type(ours.prepare(two_d)) is PreparedRanking and ours.prepare(two_d).samples == 2
+    lists = {"sparse": {key: [1, 2] for key in KEYS}, "dense": [0.5, 0.5]}
+    assert type(ours.prepare(lists)) is PreparedRanking
+    with pytest.raises(InvalidRequestError) as caught:
+        ours.prepare({"sparse": {key: torch.tensor([1]) for key in KEYS}, "dense": torch.zeros(3)})
+    assert caught.value.rule == "dense length"
+
+
+@pytest.mark.parametrize(("change", "rule"), [
+    (lambda r: r["sparse"].update(c=torch.tensor([1, 30])), "ids < table size"),
+    (lambda r: r["sparse"].update(a=torch.tensor([-1])), "ids >= 0"),
+    (lambda r: r["sparse"].update(b=torch.tensor([1.0, 2.0])), "integer ids"),
+    (lambda r: r.update(dense=torch.tensor([0.0, float("inf")])), "finite dense values")])
+def test_a_one_sample_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(change, rule):
+    rng = random.Random(7)
+    bad = one_sample(rng)
+    change(bad)
+    ours = adapter()
+    batch = [ours.prepare(one_sample(rng)), ours.prepare(bad), ours.prepare(one_sample(rng))]
+    assert all(type(item) is DeferredRanking for item in batch)  # nothing is read at submit
+    assert flatten_batch(ours.spec, batch, 1) is None and flatten_batch(ours.spec, batch[::2], 1) is not None
+    with pytest.raises(InvalidRequestError) as caught:
+        ours.collate(batch, torch.device("cpu"), 4)
+    assert caught.value.rule == rule
+    with pytest.raises(InvalidRequestError) as at_submit:
+        adapter("submit").prepare(bad)
+    assert at_submit.value.rule == rule
 
 
 @pytest.mark.gpu
@@ -150,15 +221,19 @@ def test_dlrm_batched_equals_alone_with_deferred_requests(device):
     assert [tuple(result.shape) for result in results] == [(4, 1), (1, 1), (7, 1), (2, 1)]
 
 
-async def test_through_the_scheduler_only_the_bad_request_fails(device):
+@pytest.mark.parametrize("form", ["3 samples, JaggedTensors", "one sample, id tensors"])
+async def test_through_the_scheduler_only_the_bad_request_fails(device, form):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     model = build_dlrm().to(device)
     options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM}
     rng = random.Random(4)
-    requests = [jagged_form(random_request(rng, samples=3)) for _ in range(7)]
-    bad = jagged_form(random_request(rng, samples=3))
-    bad.sparse[SPARSE_KEYS[5]] = JaggedTensor(torch.tensor([0, 1, 10**9]), lengths=torch.tensor([1, 1, 1]))
+    one = form.startswith("one")
+    make = (lambda: random_request(rng)) if one else (lambda: jagged_form(random_request(rng, samples=3)))
+    requests = [make() for _ in range(7)]
+    bad = make()
+    bad.sparse[SPARSE_KEYS[5]] = (torch.tensor([0, 1, 10**9]) if one else
+                                  JaggedTensor(torch.tensor([0, 1, 10**9]), lengths=torch.tensor([1, 1, 1])))
     requests.insert(3, bad)
     async with Scheduler(autoload=False, plugins=[batchplex_recsys]) as scheduler:
         scheduler.add_workload("dlrm", adapter="ranking", adapter_options={**options, "flatten": "collate"},
