@@ -11,9 +11,10 @@ Configure it per workload with ``adapter_options``:
 * ``results_on_device``: keep the outputs on the device instead of copying them to host memory;
 * ``flatten``: ``"submit"`` (default: each request is checked and flattened when it is submitted, on the event
   loop, and bad input is refused there) or ``"collate"`` (N-sample requests whose features are all torchrec
-  ``JaggedTensor``s, without weights, are kept as given and read a batch at a time on the collate thread: a
-  few operations per batch instead of about 20 per request on the event loop, which every workload of the
-  scheduler shares). With ``"collate"`` such a request breaking a rule fails when its batch is collated, alone
+  ``JaggedTensor``s, and one-sample requests whose features are all 1-D id tensors with a 1-D dense tensor, without
+  weights, are kept as given and read a batch at a time on the collate thread: a few operations per batch instead
+  of a concatenation and a range check (one sample) or about 20 operations (N samples) per request on the event
+  loop, which every workload of the scheduler shares). With ``"collate"`` such a request breaking a rule fails when its batch is collated, alone
   and with the same `InvalidRequestError` (the batch is bisected; it counts as ``failed``, not
   ``rejected_invalid``); other forms are still prepared at submit. Only host tensors are kept: a request with
   CUDA tensors is prepared at submit, on the caller's stream.
