@@ -3,7 +3,7 @@
 Two forms are kept: N samples with a ``JaggedTensor`` per feature, and one sample with a 1-D id tensor per feature
 (and a 1-D dense tensor). Why: prepared at submit, a 32-sample request of 26 ``JaggedTensor`` features costs about
 20 tensor operations on the event loop, and a one-sample request of 26 id tensors one concatenation of 26 parts
-and a range check (25 µs on a 2-core CPU, 56 on an H200 host); under load each operation waits to take the GIL
+and a range check (25-53 µs on a 2-core CPU, 31-56 on H200 hosts); under load each operation waits to take the GIL
 back from the executor threads. With four workloads sharing an H200, the ranking requests' preparation alone kept
 the event loop 77% busy and held every other workload back. Deferred, a request costs a few attribute reads per
 feature at submit (`defer`: about 10 µs instead of 120 for the 32-sample form on a 2-core CPU), and its batch is
@@ -171,7 +171,7 @@ def _flatten_one_sample(spec: FeatureSpec, items: Sequence[DeferredRanking], pad
 
 def _cat_in_runs(parts: list[torch.Tensor], run: int = 256) -> torch.Tensor:
     """``torch.cat(parts)``, a few hundred parts at a time: one call over thousands of small parts costs far more
-    per part (a batch of 256 one-sample requests, 6,656 id tensors: 6.5 ms in one call, 1.0-1.5 ms in runs of
+    per part (a batch of 256 one-sample requests, 6,656 id tensors: 6.5 ms in one call, 1.0-2.7 ms in runs of
     256, 2-core AMD EPYC). A cat of parts of different dimensions raises ``RuntimeError``, as one call would."""
     if len(parts) <= run:
         return torch.cat(parts)
