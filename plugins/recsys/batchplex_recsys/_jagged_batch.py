@@ -101,7 +101,10 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
     breaks a rule (the caller then prepares each request alone to name it) or the batch mixes the two forms."""
     forms = {item.single for item in items}
     if forms == {True}:
-        return _flatten_one_sample(spec, items, padding)
+        try:
+            return _flatten_one_sample(spec, items, padding)
+        except (RuntimeError, NotImplementedError):  # what `defer` does not look at: a sparse layout, a tensor
+            return None  # resized since submit; read request by request, which names it
     if forms != {False}:
         return None
     counts = [item.samples for item in items]
@@ -201,9 +204,11 @@ def _dense_rows(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: in
     if not all(type(part) is torch.Tensor and part.shape == ((width,) if item.single else (item.samples, width))
                for part, item in zip(parts, items)):
         return None
-    # each part to float32 first, as at submit: a cat would promote ints beside float16 rows to float16
-    parts = [part if part.dtype is torch.float32 else part.to(torch.float32) for part in parts]
-    rows = torch.stack(parts) if items[0].single else torch.cat(parts)  # a batch holds one form
+    # each part to float32 first, as at submit: a cat would promote ints beside float16 rows to float16; a one-sample
+    # part through float64, as its values are read at submit (an int64 past 2**53 rounds there twice)
+    single = items[0].single  # a batch holds one form
+    parts = [part if part.dtype is torch.float32 else (part.double() if single else part).float() for part in parts]
+    rows = torch.stack(parts) if single else torch.cat(parts)
     if padding:
         rows = torch.cat([rows, rows.new_zeros(padding, width)])
     return rows if bool(torch.isfinite(rows).all()) else None

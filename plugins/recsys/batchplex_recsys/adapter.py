@@ -14,11 +14,11 @@ Configure it per workload with ``adapter_options``:
   ``JaggedTensor``s, and one-sample requests whose features are all 1-D id tensors with a 1-D dense tensor, without
   weights, are kept as given and read a batch at a time on the collate thread: a few operations per batch instead
   of a concatenation and a range check (one sample) or about 20 operations (N samples) per request on the event
-  loop, which every workload of the scheduler shares). With ``"collate"`` such a request breaking a rule fails when its batch is collated, alone
-  and with the same `InvalidRequestError` (the batch is bisected; it counts as ``failed``, not
-  ``rejected_invalid``); other forms are still prepared at submit. Only host tensors are kept: a request with
-  CUDA tensors is prepared at submit, on the caller's stream.
-  Such a request is read when its batch is collated: leave its tensors unchanged until its result arrives.
+  loop, which every workload of the scheduler shares). With ``"collate"`` such a request breaking a rule fails
+  when its batch is collated, alone and with the same `InvalidRequestError` (the batch is bisected; it counts as
+  ``failed``, not ``rejected_invalid``); other forms are still prepared at submit. Only host tensors are kept: a
+  request with CUDA tensors is prepared at submit, on the caller's stream. Such a request is read when its batch
+  is collated: leave its tensors unchanged until its result arrives.
 
 The model is called with one `RankingBatch` (``dense_features``, ``sparse_features``: the field names of
 torchrec's own ``Batch``); wrap a torchrec ``DLRM`` in `RankingModel`.

@@ -147,6 +147,31 @@ def test_a_one_sample_request_breaking_a_rule_makes_its_batch_raise_the_submit_e
     assert at_submit.value.rule == rule
 
 
+def test_one_sample_dense_values_round_as_at_submit():
+    """At submit a one-sample dense vector is read through float64 (``tolist``): an int64 past 2**53 rounds twice."""
+    request = {"sparse": {key: torch.tensor([1]) for key in KEYS}, "dense": torch.tensor([2**60 + 2**36 + 1, 0])}
+    ours, submitted = adapter(), adapter("submit")
+    item = ours.prepare(request)
+    assert type(item) is DeferredRanking
+    assert torch.equal(ours.collate([item], torch.device("cpu"), 1).dense_features,
+                       submitted.collate([submitted.prepare(request)], torch.device("cpu"), 1).dense_features)
+
+
+def test_a_sparse_layout_id_tensor_fails_alone_with_the_submit_error():
+    """`defer` does not look at the layout: the batch read fails, and preparing each request alone names it."""
+    rng = random.Random(8)
+    bad = one_sample(rng)
+    bad["sparse"]["a"] = torch.tensor([0, 1]).to_sparse()
+    ours = adapter()
+    batch = [ours.prepare(one_sample(rng)), ours.prepare(bad), ours.prepare(one_sample(rng))]
+    assert flatten_batch(ours.spec, batch, 0) is None and flatten_batch(ours.spec, batch[::2], 0) is not None
+    with pytest.raises(InvalidRequestError) as caught:
+        ours.collate(batch, torch.device("cpu"), 3)
+    # as the scheduler words an adapter's unforeseen error at submit: the rule, the request's type, the error
+    assert caught.value.rule == "adapter.prepare" and caught.value.value == "dict"
+    assert "could not prepare this request: RuntimeError" in str(caught.value)
+
+
 @pytest.mark.gpu
 def test_requests_holding_cuda_tensors_are_prepared_at_submit():
     """The collate thread reads on its own stream, which does not wait for the caller's kernels."""
