@@ -195,15 +195,16 @@ def _lengths_match(lengths: torch.Tensor, ids_per_segment: list[int], segment_si
 
 def _dense_rows(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> torch.Tensor | None:
     """Every request's dense rows stacked (zeros for the padding); None unless each request gave finite values, a
-    vector of ``dense_dim`` (one sample) or a samples x dense_dim tensor, or none where the workload has none."""
+    vector of ``dense_dim`` (one sample) or a samples x dense_dim tensor; where the workload has no dense features,
+    none or such an empty tensor."""
     width = spec.dense_dim
-    if not width:
-        return torch.zeros(sum(item.samples for item in items) + padding, 0) if all(
-            item.dense is None for item in items) else None
     parts = [item.dense for item in items]
-    if not all(type(part) is torch.Tensor and part.shape == ((width,) if item.single else (item.samples, width))
-               for part, item in zip(parts, items)):
+    shapes_match = all(type(part) is torch.Tensor and part.shape == ((width,) if item.single else (item.samples, width))
+                       for part, item in zip(parts, items) if part is not None or width)
+    if not shapes_match:
         return None
+    if not width:
+        return torch.zeros(sum(item.samples for item in items) + padding, 0)
     # each part to float32 first, as at submit: a cat would promote ints beside float16 rows to float16; a one-sample
     # part through float64, as its values are read at submit (an int64 past 2**53 rounds there twice)
     single = items[0].single  # a batch holds one form

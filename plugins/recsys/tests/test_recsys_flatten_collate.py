@@ -157,6 +157,24 @@ def test_one_sample_dense_values_round_as_at_submit():
                        submitted.collate([submitted.prepare(request)], torch.device("cpu"), 1).dense_features)
 
 
+@pytest.mark.parametrize("samples", [None, 2])
+def test_without_dense_features_an_empty_dense_tensor_is_read_with_its_batch(samples):
+    """A workload with ``dense_dim=0``: requests sending no dense tensor and an empty one batch in one pass."""
+    ours = RankingAdapter().configure(keys=KEYS, table_sizes=SIZES, flatten="collate")
+    submitted = RankingAdapter().configure(keys=KEYS, table_sizes=SIZES)
+    if samples is None:
+        requests = [{"sparse": {key: torch.tensor([1, 2]) for key in KEYS}, "dense": dense}
+                    for dense in (None, torch.empty(0))]
+    else:
+        requests = [{"sparse": {key: jagged([[1], [2, 3]]) for key in KEYS}, "dense": dense}
+                    for dense in (None, torch.empty(samples, 0))]
+    items = [ours.prepare(r) for r in requests]
+    assert all(type(item) is DeferredRanking for item in items)
+    assert flatten_batch(ours.spec, items, 1) is not None
+    assert_same_batch(ours.collate(items, torch.device("cpu"), 3),
+                      submitted.collate([submitted.prepare(r) for r in requests], torch.device("cpu"), 3))
+
+
 def test_a_sparse_layout_id_tensor_fails_alone_with_the_submit_error():
     """`defer` does not look at the layout: the batch read fails, and preparing each request alone names it."""
     rng = random.Random(8)
