@@ -103,8 +103,10 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
     if forms == {True}:
         try:
             return _flatten_one_sample(spec, items, padding)
-        except (RuntimeError, NotImplementedError):  # what `defer` does not look at: a sparse layout, a tensor
-            return None  # resized since submit; read request by request, which names it
+        except (RuntimeError, NotImplementedError):
+            # torch refusing a part `defer` does not inspect (a sparse layout, a tensor resized since submit): None,
+            # so the batch is prepared request by request and the bad request fails alone with its precise error
+            return None
     if forms != {False}:
         return None
     counts = [item.samples for item in items]
@@ -138,14 +140,7 @@ def flatten_batch(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: 
         return None
     per_key = len(segments)
     length_per_key = [sum(ids_per_segment[key * per_key:(key + 1) * per_key]) for key in range(len(spec.keys))]
-    try:
-        check_range(spec, values, length_per_key)
-    except InvalidRequestError:
-        return None
-    dense = _dense_rows(spec, items, padding)
-    if dense is None:
-        return None
-    return FlatBatch(lengths, values, length_per_key, dense, sum(counts) + padding)
+    return _checked(spec, items, padding, lengths, values, length_per_key)
 
 
 def _flatten_one_sample(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int) -> FlatBatch | None:
@@ -160,16 +155,20 @@ def _flatten_one_sample(spec: FeatureSpec, items: Sequence[DeferredRanking], pad
         return None
     values = _cat_in_runs(parts).to(torch.int64) if parts else EMPTY_IDS
     per_key = [counts[key * requests:(key + 1) * requests] for key in range(keys)]
-    length_per_key = list(map(sum, per_key))
+    lengths = int64_tensor([length for lengths in per_key for length in (*lengths, *[0] * padding)])
+    return _checked(spec, items, padding, lengths, values, list(map(sum, per_key)))
+
+
+def _checked(spec: FeatureSpec, items: Sequence[DeferredRanking], padding: int, lengths: torch.Tensor,
+             values: torch.Tensor, length_per_key: list[int]) -> FlatBatch | None:
+    """The batch, once its ids pass the range check and its dense rows are read (both forms end here); None when
+    either fails (the caller then prepares each request alone to name the request)."""
     try:
         check_range(spec, values, length_per_key)
     except InvalidRequestError:
         return None
     dense = _dense_rows(spec, items, padding)
-    if dense is None:
-        return None
-    lengths = int64_tensor([length for lengths in per_key for length in (*lengths, *[0] * padding)])
-    return FlatBatch(lengths, values, length_per_key, dense, requests + padding)
+    return None if dense is None else FlatBatch(lengths, values, length_per_key, dense, dense.shape[0])
 
 
 def _cat_in_runs(parts: list[torch.Tensor], run: int = 256) -> torch.Tensor:
