@@ -11,7 +11,7 @@ import torch
 from batchplex import BatchPolicy, InvalidRequestError, Scheduler
 from batchplex.testing import assert_same_result, check_adapter
 from batchplex_recsys import RankingAdapter, table_sizes_of
-from batchplex_recsys._jagged_batch import DeferredRanking, flatten_batch
+from batchplex_recsys._jagged_batch import _SERIAL_CAT_ELEMENTS, DeferredRanking, _cat, flatten_batch
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
 from batchplex_recsys.request import PreparedRanking
 from torchrec import JaggedTensor
@@ -252,6 +252,37 @@ def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind, 
     with pytest.raises(InvalidRequestError) as at_submit:
         adapter("submit").prepare(_bad(kind))
     assert at_submit.value.rule == rule
+
+
+@pytest.mark.parametrize("sizes", [[7] * 10_000, [3, _SERIAL_CAT_ELEMENTS + 5, 2, 40_000, 1] + [9] * 5_000,
+                                   [_SERIAL_CAT_ELEMENTS - 1, 1, _SERIAL_CAT_ELEMENTS]])
+def test_the_grouped_concatenation_equals_one_call(sizes):
+    """Parts past the serial-copy limit are concatenated in groups: same values, same promoted dtype, and parts of
+    different dimensions still refused."""
+    generator = torch.Generator().manual_seed(len(sizes))
+    dtypes = (torch.int64, torch.int32, torch.int16)
+    parts = [torch.randint(0, 1000, (size,), generator=generator, dtype=dtypes[i % 3]) for i, size in enumerate(sizes)]
+    ours, expected = _cat(parts, sizes), torch.cat(parts)
+    assert ours.dtype == expected.dtype and torch.equal(ours, expected)
+    with pytest.raises(RuntimeError):
+        _cat([*parts, torch.zeros(2, 2, dtype=torch.int64)], [*sizes, 4])
+
+
+@pytest.mark.parametrize("samples", [1, 32])
+def test_a_batch_past_the_serial_copy_limit_collates_like_requests_prepared_at_submit(samples):
+    """Enough ids that every concatenation is grouped (JaggedTensor and one-sample forms, with padding)."""
+    options = {"keys": SPARSE_KEYS, "table_sizes": {key: 1000 for key in SPARSE_KEYS}, "dense_dim": DENSE_DIM}
+    deferred = RankingAdapter().configure(**options, flatten="collate")
+    submitted = RankingAdapter().configure(**options)
+    rng = random.Random(samples)
+    requests = [jagged_form(random_request(rng, samples=samples)) if samples > 1 else random_request(rng)
+                for _ in range(2048 // samples)]
+    items = [deferred.prepare(r) for r in requests]
+    flat = flatten_batch(deferred.spec, items, 3)
+    assert flat is not None and flat.values.numel() > 4 * _SERIAL_CAT_ELEMENTS
+    size = len(requests) + 3
+    assert_same_batch(deferred.collate(items, torch.device("cpu"), size),
+                      submitted.collate([submitted.prepare(r) for r in requests], torch.device("cpu"), size))
 
 
 def test_dlrm_batched_equals_alone_with_deferred_requests(device):
