@@ -255,10 +255,10 @@ def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind, 
 
 
 @pytest.mark.parametrize("sizes", [[7] * 10_000, [3, _SERIAL_CAT_ELEMENTS + 5, 2, 40_000, 1] + [9] * 5_000,
-                                   [_SERIAL_CAT_ELEMENTS - 1, 1, _SERIAL_CAT_ELEMENTS]])
+                                   [_SERIAL_CAT_ELEMENTS - 1, 1, _SERIAL_CAT_ELEMENTS, *[1] * 200], [2_000] * 40])
 def test_the_grouped_concatenation_equals_one_call(sizes):
-    """Parts past the serial-copy limit are concatenated in groups: same values, same promoted dtype, and parts of
-    different dimensions still refused."""
+    """Many small parts past the serial-copy limit are concatenated in groups (large ones in one call): same values,
+    same promoted dtype, and parts of different dimensions still refused."""
     generator = torch.Generator().manual_seed(len(sizes))
     dtypes = (torch.int64, torch.int32, torch.int16)
     parts = [torch.randint(0, 1000, (size,), generator=generator, dtype=dtypes[i % 3]) for i, size in enumerate(sizes)]
