@@ -3,8 +3,9 @@
 #
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
-# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop, and ray
-# (Ray Serve with 1 and 2 replicas, one GPU each: a machine of two or more GPUs; needs BATCHPLEX_RAY_BUNDLE).
+# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop, multi
+# (one workload on 1, 2, ... GPUs) and ray (Ray Serve with 1 and 2 replicas, one GPU each; needs BATCHPLEX_RAY_BUNDLE),
+# both for a machine of two or more GPUs.
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
 #                         /tmp/batchplex-site and put on PYTHONPATH; skipped when unset
@@ -55,6 +56,7 @@ stage_recsys() {
 stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
 # The open-loop load generator's own cost on this host's event loop (read with the half-load rows of vision and nlp).
 stage_loop() { $python benchmarks/open_loop_cost.py; }
+stage_multi() { $python benchmarks/multi_gpu.py --device cuda; }
 stage_generation() { $python benchmarks/generation_throughput.py --device cuda; }
 # The out-of-memory case is slow on a real GPU (each wave allocates until CUDA refuses): a quarter of its requests.
 stage_reliability() {
