@@ -1,5 +1,5 @@
-"""Several GPUs: one workload on one device, then on 2, 3, ... devices of the host (one model replica each,
-every batch to the device with the fewest batches in flight): throughput, how it scales, and how evenly the
+"""Several GPUs: one workload on one device, then on 2, 3, ... devices of the host (one model replica each;
+each batch goes to a device with room in its pipeline): throughput, how it scales, and how evenly the
 batches spread.
 
 Workload: ResNet-50 fp16 channels_last, 224x224 uint8 requests, batch 64, replayed as CUDA graphs (preferred sizes

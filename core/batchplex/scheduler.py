@@ -32,6 +32,7 @@ from ._continuous_adapter import StepAdapter
 from ._continuous_policy import ContinuousPolicy
 from ._executor import BatchJob, DeviceExecutor
 from ._graphs import GraphedModel
+from ._host_threads import warn_if_wide_pool
 from ._outcomes import fail, settle
 from ._workload import Lane, Workload, devices_of, replicas_of
 from .adapter import Adapter
@@ -138,6 +139,7 @@ class Scheduler:
         if isinstance(adapter, StepAdapter):
             return self._add_continuous(name, adapter, model, policy, device, weight, cuda_graphs)
         devices = devices_of(device)
+        warn_if_wide_pool(devices)
         models = replicas_of(name, model, devices)
         if cuda_graphs:
             for dev in devices:
@@ -169,6 +171,7 @@ class Scheduler:
             raise TypeError(f"workload {name!r}: a step adapter takes a ContinuousPolicy, got "
                             f"{type(policy).__name__}")
         devices = devices_of(device)
+        warn_if_wide_pool(devices)
         if len(devices) != 1 or cuda_graphs or weight != 1.0:
             raise ValueError(f"workload {name!r}: a continuous workload runs on one device with neither "
                              f"cuda_graphs nor weight; got device={[str(d) for d in devices]}, "
