@@ -61,7 +61,7 @@ from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
 from batchplex_recsys import RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
-from harness import RESULTS, model_only, saturate, write_results
+from harness import RESULTS, add_torch_threads_option, apply_torch_threads, model_only, saturate, write_results
 from nlp_common import token_ids
 from vision_common import DETECTOR_RESIZE, uint8_image
 
@@ -106,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mix", nargs="+", choices=("classify", "embed", "rank", "detect"),
                         help="the workloads run at once in the mixed measurement (default: all four); leaving one out "
                              "shows what it costs the others")
-    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: 1 on cpu)")
+    add_torch_threads_option(parser, cpu_default="1 (four workloads share the cores)")
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: engine-<device>)")
     args = parser.parse_args()
     args.duration = args.duration or (5.0 if args.device == "cuda" else 3.0)
@@ -356,8 +356,7 @@ def plot(result: dict[str, Any], stem: str) -> None:
 
 async def main() -> None:
     args = parse_args()
-    if args.torch_threads or args.device == "cpu":
-        torch.set_num_threads(args.torch_threads or 1)
+    apply_torch_threads(args, cpu_default=1)
     result, rows = await measure(args)
     path = write_results(args.out, result, rows,
                          ["measurement", "batch", "items/s", "ratio", "busy fraction", "notes"])

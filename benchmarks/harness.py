@@ -8,6 +8,7 @@ result, as the caller sees them).
 from __future__ import annotations
 
 import asyncio
+import argparse
 import datetime
 import gc
 import json
@@ -33,7 +34,8 @@ def machine() -> dict[str, str]:
     else:
         card = _cpu_name()
     return {"machine": card, "cpus": str(os.cpu_count()), "python": platform.python_version(),
-            "torch": torch.__version__, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "torch": torch.__version__, "torch_threads": str(torch.get_num_threads()),
+            "command": " ".join([Path(sys.executable).name] + sys.argv),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -55,6 +57,22 @@ def graph_batch_sizes(batch: int, count: int = 4) -> tuple[int, ...]:
     runs full-size batches for half the requests and is as busy as at full load; queues then form and the
     latency is that of a saturated device."""
     return tuple(sorted({max(1, batch >> shift) for shift in range(count)}))
+
+
+def add_torch_threads_option(parser: argparse.ArgumentParser, cpu_default: str = "torch's own") -> None:
+    """``--torch-threads``: torch's intra-op CPU threads for the run (read by `apply_torch_threads`)."""
+    parser.add_argument("--torch-threads", type=int,
+                        help=f"torch intra-op threads (default: 1 with --device cuda, as the README advises for "
+                             f"serving on GPUs; {cpu_default} on the CPU)")
+
+
+def apply_torch_threads(args: argparse.Namespace, cpu_default: int | None = None) -> None:
+    """Set torch's intra-op threads before anything runs: ``--torch-threads``, else 1 on CUDA (the executor's
+    host-side tensor work runs on that pool, and a wide one slows it: README, "On GPUs, give torch few CPU
+    threads"), else ``cpu_default`` (None: torch's own; CPU models need the threads). Results stamp the count."""
+    threads = args.torch_threads or (1 if args.device == "cuda" else cpu_default)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def synchronize(device: torch.device) -> None:
@@ -215,7 +233,8 @@ def write_results(stem: str, payload: dict[str, Any], table: list[list[str]], he
     stamp = machine()
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": stamp, **payload}, indent=2, default=str))
     lines = [f"# {stem}", "", f"- machine: {stamp['machine']} ({stamp['cpus']} CPUs), Python {stamp['python']}, "
-             f"torch {stamp['torch']}", f"- command: `{stamp['command']}`", f"- date: {stamp['date']}", "",
+             f"torch {stamp['torch']} ({stamp['torch_threads']} intra-op threads)", f"- command: `{stamp['command']}`",
+             f"- date: {stamp['date']}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     path = RESULTS / f"{stem}.md"

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import gc_note, graph_batch_sizes, latency_target, model_only, open_loop, saturate, write_results
+from harness import (add_torch_threads_option, apply_torch_threads, gc_note, graph_batch_sizes, latency_target,
+                     model_only, open_loop, saturate, write_results)
 from nlp_common import ThreadedSubmit, lognormal_length, text, token_ids
 
 from batchplex import BatchPolicy, GraphedModel, Scheduler
@@ -55,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--text-pool", type=int, help="threads that tokenize texts (default: 8 cuda, 0 = skip)")
     parser.add_argument("--random-weights", action="store_true", help="MiniLM from config.json, random weights")
     parser.add_argument("--model-dir", type=Path, help="folder with MiniLM's config.json and tokenizer files")
-    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_torch_threads_option(parser)
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: nlp-throughput-<device>)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -98,8 +99,7 @@ async def measure(args: argparse.Namespace, tokenizer, model, device: torch.devi
 async def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    apply_torch_threads(args)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tokenizer, model = load_minilm(random_weights=args.random_weights, dtype=dtype, device=device,
                                    path=args.model_dir)

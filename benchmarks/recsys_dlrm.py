@@ -34,7 +34,7 @@ import torch
 from batchplex import BatchPolicy, Scheduler
 from batchplex_recsys import RankingAdapter, RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
-from harness import model_only, saturate, synchronize, write_results
+from harness import add_torch_threads_option, apply_torch_threads, model_only, saturate, synchronize, write_results
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="MLP width (default: 512 on cuda, 64 on cpu)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--duration", type=float, help="seconds per measured window (default: 10 cuda, 5 cpu)")
+    add_torch_threads_option(parser)
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: recsys-dlrm-<device>)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -101,6 +102,7 @@ def components(args: argparse.Namespace, adapter: RankingAdapter, device: torch.
 
 async def main() -> None:
     args = parse_args()
+    apply_torch_threads(args)
     # with its index: the device executor calls torch.cuda.set_device, which refuses a bare "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     model = build_dlrm(num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 import torchvision
-from harness import gc_note, graph_batch_sizes, latency_target, model_only, open_loop, saturate, write_results
+from harness import (add_torch_threads_option, apply_torch_threads, gc_note, graph_batch_sizes, latency_target,
+                     model_only, open_loop, saturate, write_results)
 from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
@@ -62,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--detection-max-side", type=int, help="largest image side (default: 640 cuda, 192 cpu)")
     parser.add_argument("--switch-interval-us", type=float, nargs="+",
                         help="GIL switch intervals to run end to end with (default: 5000 200 on cuda, 5000 on cpu)")
+    add_torch_threads_option(parser)
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: vision-throughput-<device>)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -196,6 +198,7 @@ async def detection(args: argparse.Namespace, device: torch.device) -> tuple[dic
 
 async def main() -> None:
     args = parse_args()
+    apply_torch_threads(args)
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     torch.backends.cudnn.benchmark = True  # classification: one input shape, autotuned once
     classify, classify_rows = await classification(args, device)
