@@ -175,19 +175,36 @@ def test_without_dense_features_an_empty_dense_tensor_is_read_with_its_batch(sam
                       submitted.collate([submitted.prepare(r) for r in requests], torch.device("cpu"), 3))
 
 
-def test_a_sparse_layout_id_tensor_fails_alone_with_the_submit_error():
-    """`defer` does not look at the layout: the batch read fails, and preparing each request alone names it."""
+def test_empty_two_dimensional_ids_are_refused_at_submit_not_deferred():
+    """An empty part is left out of the batch's concatenation, so a deferred 0 x 3 ids tensor would pass unseen:
+    such a request is prepared at submit, which refuses it."""
     rng = random.Random(8)
-    bad = one_sample(rng)
-    bad["sparse"]["a"] = torch.tensor([0, 1]).to_sparse()
-    ours = adapter()
-    batch = [ours.prepare(one_sample(rng)), ours.prepare(bad), ours.prepare(one_sample(rng))]
-    assert flatten_batch(ours.spec, batch, 0) is None and flatten_batch(ours.spec, batch[::2], 0) is not None
+    bad = request(rng, 2)
+    bad["sparse"]["b"] = JaggedTensor(torch.zeros(0, 3, dtype=torch.int64), lengths=torch.tensor([0, 0]))
     with pytest.raises(InvalidRequestError) as caught:
-        ours.collate(batch, torch.device("cpu"), 3)
-    # as the scheduler words an adapter's unforeseen error at submit: the rule, the request's type, the error
-    assert caught.value.rule == "adapter.prepare" and caught.value.value == "dict"
-    assert "could not prepare this request: RuntimeError" in str(caught.value)
+        adapter().prepare(bad)
+    assert caught.value.rule == "ids lengths"
+
+
+@pytest.mark.parametrize("form", ["one sample", "3 samples"])
+async def test_a_sparse_layout_id_tensor_is_prepared_at_submit_and_fails_alone(form):
+    """Not deferred (it would fail only in the batch's range check): preparing it at submit fails that request
+    alone, as the scheduler words an adapter's unforeseen error (rule ``adapter.prepare``)."""
+    model = build_dlrm()
+    rng = random.Random(9)
+    one = form == "one sample"
+    make = (lambda: random_request(rng)) if one else (lambda: jagged_form(random_request(rng, samples=3)))
+    bad = make()
+    ids = torch.tensor([0, 1, 2]).to_sparse()
+    bad.sparse[SPARSE_KEYS[2]] = ids if one else JaggedTensor(ids, lengths=torch.tensor([1, 1, 1]))
+    options = {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM, "flatten": "collate"}
+    async with Scheduler(autoload=False, plugins=[batchplex_recsys]) as scheduler:
+        scheduler.add_workload("dlrm", adapter="ranking", adapter_options=options, model=model,
+                               policy=BatchPolicy(max_batch_size=4, max_wait_ms=20))
+        results = await asyncio.gather(*(scheduler.submit("dlrm", r) for r in (make(), bad, make())),
+                                       return_exceptions=True)
+    assert isinstance(results[1], InvalidRequestError) and results[1].rule == "adapter.prepare"
+    assert all(isinstance(result, torch.Tensor) for result in results[::2])
 
 
 @pytest.mark.gpu
@@ -256,9 +273,11 @@ def test_a_request_breaking_a_rule_makes_its_batch_raise_the_submit_error(kind, 
 
 @pytest.mark.parametrize("sizes", [[7] * 10_000, [3, _SERIAL_CAT_ELEMENTS + 5, 2, 40_000, 1] + [9] * 5_000,
                                    [_SERIAL_CAT_ELEMENTS - 1, 1, _SERIAL_CAT_ELEMENTS, *[1] * 200], [2_000] * 40])
-def test_the_grouped_concatenation_equals_one_call(sizes):
+def test_the_grouped_concatenation_equals_one_call(sizes, monkeypatch):
     """Many small parts past the serial-copy limit are concatenated in groups (large ones in one call): same values,
-    same promoted dtype, and parts of different dimensions still refused."""
+    same promoted dtype, and parts of different dimensions still refused. Groups are made with several intra-op
+    threads only, so the test says there are two."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     generator = torch.Generator().manual_seed(len(sizes))
     dtypes = (torch.int64, torch.int32, torch.int16)
     parts = [torch.randint(0, 1000, (size,), generator=generator, dtype=dtypes[i % 3]) for i, size in enumerate(sizes)]
@@ -269,8 +288,11 @@ def test_the_grouped_concatenation_equals_one_call(sizes):
 
 
 @pytest.mark.parametrize("samples", [1, 32])
-def test_a_batch_past_the_serial_copy_limit_collates_like_requests_prepared_at_submit(samples):
-    """Enough ids that every concatenation is grouped (JaggedTensor and one-sample forms, with padding)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_past_the_serial_copy_limit_collates_like_requests_prepared_at_submit(samples, threads, monkeypatch):
+    """Enough ids that every concatenation is grouped with several intra-op threads, and made in one call with one
+    (JaggedTensor and one-sample forms, with padding)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     options = {"keys": SPARSE_KEYS, "table_sizes": {key: 1000 for key in SPARSE_KEYS}, "dense_dim": DENSE_DIM}
     deferred = RankingAdapter().configure(**options, flatten="collate")
     submitted = RankingAdapter().configure(**options)
