@@ -7,8 +7,8 @@ result, as the caller sees them).
 
 from __future__ import annotations
 
-import asyncio
 import argparse
+import asyncio
 import datetime
 import gc
 import json
@@ -227,13 +227,20 @@ async def open_loop(scheduler: Any, workload: str, make_request: Callable[[rando
             "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, **pauses.summary()}
 
 
-def write_results(stem: str, payload: dict[str, Any], table: list[list[str]], header: list[str]) -> Path:
-    """Write ``<stem>.json`` and ``<stem>.md`` (a table stamped with the machine) under benchmarks/results."""
+def write_results(stem: str, payload: dict[str, Any], table: list[list[str]], header: list[str], *,
+                  torch_threads: str | None = None) -> Path:
+    """Write ``<stem>.json`` and ``<stem>.md`` (a table stamped with the machine) under benchmarks/results.
+
+    ``torch_threads`` replaces the stamp's intra-op thread count (the count when writing) where the runs used
+    several, each named in its rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = machine()
+    if torch_threads is not None:
+        stamp["torch_threads"] = torch_threads
+    threads = f"{stamp['torch_threads']} intra-op thread{'' if stamp['torch_threads'] == '1' else 's'}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": stamp, **payload}, indent=2, default=str))
     lines = [f"# {stem}", "", f"- machine: {stamp['machine']} ({stamp['cpus']} CPUs), Python {stamp['python']}, "
-             f"torch {stamp['torch']} ({stamp['torch_threads']} intra-op threads)", f"- command: `{stamp['command']}`",
+             f"torch {stamp['torch']} ({threads})", f"- command: `{stamp['command']}`",
              f"- date: {stamp['date']}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]

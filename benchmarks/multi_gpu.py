@@ -11,9 +11,9 @@ path, not a speed-up: both lanes share the CPU's cores).
   scaling over one device, and per device its batches, mean batch and busy fraction (the union of its batches'
   device spans over the wall time, `batchplex.metrics.busy_time`).
 
-Both runs happen once per ``--intra-op-threads`` value (default: torch's own, then 1). Why: the executor's
+Both runs happen once per ``--torch-threads`` value (default: torch's own, then 1). Why: the executor's
 host-side tensor work (stacking a batch into pinned memory, staging copies) runs on torch's intra-op OpenMP pool,
-and on a 32-core host its default of 32 threads cost a third of one GPU's end-to-end throughput.
+and on a 32-core host its default of 32 threads cost 27% of one GPU's end-to-end throughput and 39% of two's.
 
 All devices share one event loop and one GIL: where per-request host work, not the devices, runs out, scaling
 stops (the loop's ceiling is in ``open-loop-cost-*.md`` and ``scheduler-overhead-cpu.md``).
@@ -53,11 +53,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--duration", type=float, help="seconds per measured window (default: 8 cuda, 3 cpu)")
-    parser.add_argument("--intra-op-threads", type=int, nargs="+",
-                        help="torch.set_num_threads values, one pair of runs each (default: torch's own, then 1)")
+    parser.add_argument("--torch-threads", type=int, nargs="+",
+                        help="torch intra-op thread counts, one set of runs each (default: torch's own, then 1)")
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: multi-gpu-<device>)")
     args = parser.parse_args()
-    args.intra_op_threads = args.intra_op_threads or [torch.get_num_threads(), 1]
+    args.torch_threads = list(dict.fromkeys(args.torch_threads or [torch.get_num_threads(), 1]))
     cuda = args.device == "cuda"
     args.duration = args.duration or (8.0 if cuda else 3.0)
     args.out = args.out or f"multi-gpu-{args.device}"
@@ -141,7 +141,7 @@ async def main() -> None:
     run = GraphedModel(model, first, "classify") if cuda else model
     ceiling = model_only(lambda: run(x), options["batch"], first, repeats=30 if cuda else 5)
     runs = []
-    for threads in args.intra_op_threads:
+    for threads in args.torch_threads:
         torch.set_num_threads(threads)  # read by each scheduler's new executor threads
         runs += [await end_to_end(args, model, devices, options) for devices in device_sets(cuda)]
 
@@ -160,10 +160,10 @@ async def main() -> None:
                      f"{spread}; {run['cpu_us_per_request']:.0f} us CPU/request"])
     payload = {"model": name, "batch": options["batch"], "image": [3, options["size"], options["size"]],
                "dtype": str(options["dtype"]), "max_wait_ms": args.max_wait_ms, "duration_s": args.duration,
-               "intra_op_threads": args.intra_op_threads,
+               "intra_op_threads": args.torch_threads,
                "model_only": ceiling, "end_to_end": runs}
-    path = write_results(args.out, payload, rows,
-                         ["measurement", "devices", "batch", "images/s", "vs one device", "notes"])
+    header = ["measurement", "devices", "batch", "images/s", "vs one device", "notes"]
+    path = write_results(args.out, payload, rows, header, torch_threads=" and ".join(map(str, args.torch_threads)))
     plot(payload, args.out)
     print(path.read_text())
 

@@ -51,3 +51,12 @@ def test_add_workload_checks_the_devices_it_places_replicas_on(monkeypatch):
     scheduler = Scheduler(autoload=False)
     scheduler.add_workload("w", adapter=FakeAdapter(), model=torch.nn.Identity(), device=["cpu", "cpu:0"])
     assert seen == [[torch.device("cpu"), torch.device("cpu", 0)]]
+
+
+def test_a_refused_workload_does_not_use_up_the_warning(monkeypatch):
+    seen = []
+    monkeypatch.setattr("batchplex.scheduler.warn_if_wide_pool", seen.append)
+    scheduler = Scheduler(autoload=False)
+    with pytest.raises(ValueError, match="2 models for 1 devices"):  # refused after its devices are read
+        scheduler.add_workload("w", adapter=FakeAdapter(), model=[torch.nn.Identity()] * 2, device="cpu")
+    assert seen == []

@@ -4,10 +4,11 @@ Why: the executor's host-side tensor work (a batch stacked into pinned memory, s
 concatenation) runs on torch's intra-op OpenMP pool. With the models on CUDA that work is small and frequent, and a
 wide pool costs more than it gives. On a 32-core host with two H200s, ResNet-50 (CUDA graphs) end to end reached
 10.8k images/s on one GPU and 18.1k on two with torch's default of 32 threads, against 14.9k and 29.8k (99% of twice
-the model-only ceiling) with 1; 8 threads gave 15.0k and 29.1k (``benchmarks/multi_gpu.py``).
+the model-only ceiling) with 1 (``benchmarks/results/multi-gpu-cuda.md``); in a probe on the same kind of host,
+8 threads gave 15.0k and 29.1k, hence `WIDE_POOL`.
 
 The pool is process-wide and CPU models in the same process need it, so batchplex leaves it alone and logs a
-warning once, when a CUDA workload is added while the pool is wider than `WIDE_POOL` threads and the environment
+warning once, when a CUDA workload has been added while the pool is wider than `WIDE_POOL` threads and the environment
 does not set ``OMP_NUM_THREADS`` (a choice already made).
 """
 

@@ -139,7 +139,6 @@ class Scheduler:
         if isinstance(adapter, StepAdapter):
             return self._add_continuous(name, adapter, model, policy, device, weight, cuda_graphs)
         devices = devices_of(device)
-        warn_if_wide_pool(devices)
         models = replicas_of(name, model, devices)
         if cuda_graphs:
             for dev in devices:
@@ -162,6 +161,7 @@ class Scheduler:
             lane.workloads.append(workload)
             workload.lanes.append(lane)
         self._workloads[name] = workload
+        warn_if_wide_pool(devices)
         return workload
 
     def _add_continuous(self, name: str, adapter: StepAdapter, model: Any, policy: Any, device: Any,
@@ -171,7 +171,6 @@ class Scheduler:
             raise TypeError(f"workload {name!r}: a step adapter takes a ContinuousPolicy, got "
                             f"{type(policy).__name__}")
         devices = devices_of(device)
-        warn_if_wide_pool(devices)
         if len(devices) != 1 or cuda_graphs or weight != 1.0:
             raise ValueError(f"workload {name!r}: a continuous workload runs on one device with neither "
                              f"cuda_graphs nor weight; got device={[str(d) for d in devices]}, "
@@ -180,6 +179,7 @@ class Scheduler:
                                                                 device=devices[0])
         if self._loop is not None:
             workload.start(self._loop)
+        warn_if_wide_pool(devices)
         return workload
 
     # ------------------------------------------------------------------ life cycle
