@@ -207,14 +207,13 @@ def _cat(parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     """``torch.cat(parts)`` (``sizes`` are the parts' element counts); many small parts in groups of under 32,768
     elements.
 
-    Why: over that size, with more than one intra-op thread, torch's CPU cat copies part by part (with one thread
-    it never does: then one call is faster, 0.28 against 1.33 ms for 1,664 parts), and a batch can have thousands
-    of small parts (64
-    requests of 32 samples x 26 features: 1,664 parts, 558k ids, 3.0 ms in one call against 1.8 ms grouped; 2,048
-    one-sample requests: 53k parts). Grouped, the ids are copied twice, so parts of more than ~1,000 elements on
-    average go in one call (variable sizes, 500k elements, 2-core AMD EPYC: 20 per part 22 -> 8 ms grouped, 300:
-    1.4 -> 0.7, 1,000: 0.47 -> 0.37, 2,400: 0.31 -> 0.37). A cat of parts of different dimensions raises
-    ``RuntimeError``, as one call would."""
+    Why: over that size, with more than one intra-op thread, torch's CPU cat copies part by part, and a batch can
+    have thousands of small parts (64 requests of 32 samples x 26 features: 1,664 parts, 558k ids, 3.0 ms in one
+    call against 1.8 ms grouped; 2,048 one-sample requests: 53k parts). Grouped, the ids are copied twice, so parts
+    of more than ~1,000 elements on average go in one call (variable sizes, 500k elements, 2-core AMD EPYC: 20 per
+    part 22 -> 8 ms grouped, 300: 1.4 -> 0.7, 1,000: 0.47 -> 0.37, 2,400: 0.31 -> 0.37), and so does everything
+    with one intra-op thread, where cat never copies part by part (1,664 parts: 0.28 ms in one call, 1.33
+    grouped). A cat of parts of different dimensions raises ``RuntimeError``, as one call would."""
     ends = list(accumulate(sizes))
     if (not ends or ends[-1] < _SERIAL_CAT_ELEMENTS or ends[-1] > _LARGE_PART_ELEMENTS * len(parts)
             or torch.get_num_threads() == 1):
