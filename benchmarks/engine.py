@@ -106,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mix", nargs="+", choices=("classify", "embed", "rank", "detect"),
                         help="the workloads run at once in the mixed measurement (default: all four); leaving one out "
                              "shows what it costs the others")
-    add_torch_threads_option(parser, cpu_default="1 (four workloads share the cores)")
+    add_torch_threads_option(parser, cpu_default=1)  # on the CPU four workloads share the cores
     parser.add_argument("--out", help="result file stem under benchmarks/results (default: engine-<device>)")
     args = parser.parse_args()
     args.duration = args.duration or (5.0 if args.device == "cuda" else 3.0)
@@ -356,7 +356,7 @@ def plot(result: dict[str, Any], stem: str) -> None:
 
 async def main() -> None:
     args = parse_args()
-    apply_torch_threads(args, cpu_default=1)
+    apply_torch_threads(args)
     result, rows = await measure(args)
     path = write_results(args.out, result, rows,
                          ["measurement", "batch", "items/s", "ratio", "busy fraction", "notes"])

@@ -59,18 +59,21 @@ def graph_batch_sizes(batch: int, count: int = 4) -> tuple[int, ...]:
     return tuple(sorted({max(1, batch >> shift) for shift in range(count)}))
 
 
-def add_torch_threads_option(parser: argparse.ArgumentParser, cpu_default: str = "torch's own") -> None:
-    """``--torch-threads``: torch's intra-op CPU threads for the run (read by `apply_torch_threads`)."""
+def add_torch_threads_option(parser: argparse.ArgumentParser, cpu_default: int | None = None) -> None:
+    """``--torch-threads``: torch's intra-op CPU threads for the run (set by `apply_torch_threads`); without it, 1
+    on CUDA and ``cpu_default`` on the CPU (None: torch's own, as CPU models need the threads)."""
+    on_cpu = "torch's own" if cpu_default is None else cpu_default
     parser.add_argument("--torch-threads", type=int,
                         help=f"torch intra-op threads (default: 1 with --device cuda, as the README advises for "
-                             f"serving on GPUs; {cpu_default} on the CPU)")
+                             f"serving on GPUs; {on_cpu} on the CPU)")
+    parser.set_defaults(cpu_torch_threads=cpu_default)
 
 
-def apply_torch_threads(args: argparse.Namespace, cpu_default: int | None = None) -> None:
+def apply_torch_threads(args: argparse.Namespace) -> None:
     """Set torch's intra-op threads before anything runs: ``--torch-threads``, else 1 on CUDA (the executor's
     host-side tensor work runs on that pool, and a wide one slows it: README, "On GPUs, give torch few CPU
-    threads"), else ``cpu_default`` (None: torch's own; CPU models need the threads). Results stamp the count."""
-    threads = args.torch_threads or (1 if args.device == "cuda" else cpu_default)
+    threads"), else the CPU default given to `add_torch_threads_option`. Results stamp the count."""
+    threads = args.torch_threads or (1 if args.device == "cuda" else args.cpu_torch_threads)
     if threads:
         torch.set_num_threads(threads)
 
