@@ -61,7 +61,8 @@ from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
 from batchplex_recsys import RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
-from harness import RESULTS, add_torch_threads_option, apply_torch_threads, model_only, saturate, write_results
+from harness import (RESULTS, add_torch_threads_option, apply_torch_threads, model_only, request_pool, saturate,
+                     write_results)
 from nlp_common import token_ids
 from vision_common import DETECTOR_RESIZE, uint8_image
 
@@ -195,10 +196,12 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
             spec.add_to(scheduler, device, args.max_wait_ms, dedicated)
             await scheduler.warmup(spec.name, spec.make_request(random.Random(0)))  # every batch size: cuDNN plans
 
+        pools = [request_pool(spec.make_request, 4 * spec.batch) for spec in specs]
+
         async def window(seconds: float) -> list[dict[str, float]]:
             return await asyncio.gather(*(
-                saturate(scheduler, spec.name, spec.make_request, concurrency=4 * spec.batch, duration_s=seconds,
-                         items_per_request=spec.items_per_request) for spec in specs))
+                saturate(scheduler, spec.name, pool, concurrency=4 * spec.batch, duration_s=seconds,
+                         items_per_request=spec.items_per_request) for spec, pool in zip(specs, pools)))
 
         await window(max(1.0, args.duration / 4))  # warm-up: allocator, cuDNN, graph capture
         before = scheduler.statistics()

@@ -36,7 +36,7 @@ from typing import Any
 import matplotlib
 import torch
 import torchvision
-from harness import RESULTS, graph_batch_sizes, machine, model_only, saturate, write_results
+from harness import RESULTS, graph_batch_sizes, machine, model_only, request_pool, saturate, write_results
 from vision_common import uint8_image
 
 import batchplex_vision
@@ -86,10 +86,11 @@ async def end_to_end(args: argparse.Namespace, model: torch.nn.Module, devices: 
                                                                   "channels_last": cuda})
         await scheduler.warmup("classify", make(random.Random(0)))  # every size on every device: cuDNN, graphs
         concurrency = 4 * options["batch"] * len(devices)
-        await saturate(scheduler, "classify", make, concurrency=concurrency, duration_s=args.duration / 4)
+        pool = request_pool(make, concurrency)
+        await saturate(scheduler, "classify", pool, concurrency=concurrency, duration_s=args.duration / 4)
         finished.records.clear()
         started = time.perf_counter()
-        loaded = await saturate(scheduler, "classify", make, concurrency=concurrency, duration_s=args.duration)
+        loaded = await saturate(scheduler, "classify", pool, concurrency=concurrency, duration_s=args.duration)
         wall = time.perf_counter() - started
         records = list(finished.records)
     per_device = {}

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from harness import (add_torch_threads_option, apply_torch_threads, gc_note, graph_batch_sizes, latency_target,
-                     model_only, open_loop, saturate, write_results)
+                     model_only, open_loop, request_pool, saturate, write_results)
 from nlp_common import ThreadedSubmit, lognormal_length, text, token_ids
 
 from batchplex import BatchPolicy, GraphedModel, Scheduler
@@ -83,10 +83,11 @@ async def measure(args: argparse.Namespace, tokenizer, model, device: torch.devi
                                model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
         await scheduler.warmup("embed", make_request(random.Random(0)))  # every batch size once
         client = ThreadedSubmit(scheduler, pool) if pool else scheduler
-        await saturate(client, "embed", make_request, concurrency=args.concurrency, duration_s=1.0)
+        pool = request_pool(make_request, args.concurrency)
+        await saturate(client, "embed", pool, concurrency=args.concurrency, duration_s=1.0)
         before = scheduler.workloads["embed"].stats.cost
         if rate is None:
-            result = await saturate(client, "embed", make_request, concurrency=args.concurrency,
+            result = await saturate(client, "embed", pool, concurrency=args.concurrency,
                                     duration_s=args.duration)
             result["tokens_per_s"] = (scheduler.workloads["embed"].stats.cost - before) * result["items_per_s"] \
                 / result["requests"]

@@ -34,7 +34,8 @@ import torch
 from batchplex import BatchPolicy, Scheduler
 from batchplex_recsys import RankingAdapter, RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
-from harness import add_torch_threads_option, apply_torch_threads, model_only, saturate, synchronize, write_results
+from harness import (add_torch_threads_option, apply_torch_threads, model_only, request_pool, saturate, synchronize,
+                     write_results)
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,9 +78,10 @@ async def end_to_end(args: argparse.Namespace, model: Any, device: torch.device,
         scheduler.add_workload("dlrm", adapter="ranking", adapter_options=options, model=model, device=device,
                                policy=policy)
         load = {"concurrency": 4 * per_batch, "items_per_request": samples}
-        await saturate(scheduler, "dlrm", make, duration_s=args.duration / 4, **load)
+        pool = request_pool(make, load["concurrency"])
+        await saturate(scheduler, "dlrm", pool, duration_s=args.duration / 4, **load)
         before = scheduler.statistics()["dlrm"]
-        result = await saturate(scheduler, "dlrm", make, duration_s=args.duration, **load)
+        result = await saturate(scheduler, "dlrm", pool, duration_s=args.duration, **load)
         after = scheduler.statistics()["dlrm"]
     batches = max(1, after["batches"] - before["batches"])
     result.update(samples_per_request=samples, flatten=flatten, requests_per_batch=per_batch,

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torchvision
 from harness import (add_torch_threads_option, apply_torch_threads, gc_note, graph_batch_sizes, latency_target,
-                     model_only, open_loop, saturate, write_results)
+                     model_only, open_loop, request_pool, saturate, write_results)
 from vision_common import DETECTOR_RESIZE, uint8_image
 
 import batchplex_vision
@@ -151,9 +151,10 @@ async def end_to_end(args: argparse.Namespace, model: torch.nn.Module, device: t
                                adapter_options={"size": args.size, "dtype": dtype, "channels_last": device.type
                                                 == "cuda"})
         await scheduler.warmup("classify", make(random.Random(0)))  # every batch size once: cuDNN plans, graphs
-        await saturate(scheduler, "classify", make, concurrency=args.concurrency, duration_s=args.duration / 4)
+        pool = request_pool(make, args.concurrency)
+        await saturate(scheduler, "classify", pool, concurrency=args.concurrency, duration_s=args.duration / 4)
         before = scheduler.statistics()["classify"]
-        loaded = await saturate(scheduler, "classify", make, concurrency=args.concurrency, duration_s=args.duration)
+        loaded = await saturate(scheduler, "classify", pool, concurrency=args.concurrency, duration_s=args.duration)
         after = scheduler.statistics()["classify"]
         loaded["mean_batch_size"] = mean_batch(before, after)
         print(f"end to end, graphs={graphs}: {loaded}", flush=True)
@@ -181,8 +182,9 @@ async def detection(args: argparse.Namespace, device: torch.device) -> tuple[dic
                                    policy=BatchPolicy(max_batch_size=args.detection_batch, max_wait_ms=10,
                                                       bucket_edges=edges))
             concurrency = 4 * args.detection_batch
-            await saturate(scheduler, "detect", make, concurrency=concurrency, duration_s=args.duration / 4)
-            loaded = await saturate(scheduler, "detect", make, concurrency=concurrency, duration_s=args.duration)
+            pool = request_pool(make, concurrency)
+            await saturate(scheduler, "detect", pool, concurrency=concurrency, duration_s=args.duration / 4)
+            loaded = await saturate(scheduler, "detect", pool, concurrency=concurrency, duration_s=args.duration)
             stats = scheduler.statistics()["detect"]
         loaded.update(padding_waste=stats["padding_waste"], mean_batch_size=stats["mean_batch_size"])
         result[label] = loaded

@@ -1,13 +1,15 @@
-"""The benchmarks' open-loop load generator: what it keeps alive, what it reports, how it fails."""
+"""The benchmarks' load generators: what the open loop keeps alive, reports and raises; when the closed loop's
+requests are made."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 
 import pytest
-from benchmarks.harness import GcPauses, gc_note, latency_target, open_loop
+from benchmarks.harness import GcPauses, gc_note, latency_target, open_loop, request_pool, saturate
 
 
 class _Recording:
@@ -53,6 +55,36 @@ async def test_open_loop_raises_the_first_failure_after_the_window() -> None:
     with pytest.raises(ValueError, match="request 5 failed"):
         await open_loop(Failing(), "w", lambda rng: 0, rate=2000.0, duration_s=0.1)
     assert Failing.calls > 5  # the window went on after the failure
+
+
+async def test_closed_loops_sharing_a_window_start_together_and_send_only_their_pool() -> None:
+    """Making a request can take milliseconds on the event loop (a random image, a DLRM request): made inside a
+    shared window, one workload's requests held back every other workload's submits."""
+    loop = asyncio.get_running_loop()
+    first_submit: dict[str, float] = {}
+    sent: dict[str, set] = {"slow": set(), "fast": set()}
+
+    class Recording:
+        async def submit(self, workload: str, item: object) -> object:
+            first_submit.setdefault(workload, loop.time())
+            sent[workload].add(item)
+            await asyncio.sleep(0.001)
+            return item
+
+    def slow_request(rng) -> float:
+        time.sleep(0.002)  # 32 of them: 64 ms of a blocked loop
+        return rng.random()
+
+    pools = {"slow": request_pool(slow_request, concurrency=16), "fast": request_pool(lambda rng: rng.random(), 16)}
+    assert len(pools["slow"]) == 32  # two per submitter
+    assert len(request_pool(lambda rng: rng.random(), 1000)) == 256
+    assert pools["fast"] == request_pool(lambda rng: rng.random(), 16)  # the same requests in every window
+    results = await asyncio.gather(*(saturate(Recording(), name, pool, concurrency=16, duration_s=0.2)
+                                     for name, pool in pools.items()))
+    assert abs(first_submit["slow"] - first_submit["fast"]) < 0.03
+    for name, pool in pools.items():
+        assert sent[name] <= set(pool)
+    assert all(result["requests"] > 16 for result in results)
 
 
 def test_gc_pauses_counts_a_forced_full_collection() -> None:
