@@ -22,9 +22,13 @@ Measurements:
    fraction (the time the device ran model work, over wall time: the union of the batches' spans on the device's
    clock, from CUDA events, so batches that overlap count once);
 3. **mixed**: all four workloads (or those ``--mix`` names) in one scheduler on one device, each under its own
-   saturating load: each one's share of its solo throughput and the busy fraction (plus NVML's GPU utilization,
-   sampled, where available); then again with ``dedicated_executor=True`` for each (one executor and set of CUDA
-   streams per workload instead of one per device shared fairly);
+   saturating load: each one's share of its solo throughput and the busy fraction; then again with
+   ``dedicated_executor=True`` for each (one executor and set of CUDA streams per workload instead of one per device
+   shared fairly); then ``classify`` and ``embed`` alone together, the two whose solo runs keep the device busy
+   (``rank`` and ``detect`` are host-bound: alone they keep a GPU busy 6-8% and 33-48% of the time). On CUDA a
+   mixed window's busy fraction is the kernels' (`harness.KernelBusy`: CUPTI records of every kernel and copy, their
+   union over wall time), with NVML's utilization beside it; the batches' CUDA-event spans are not shown there:
+   under CUPTI they read about half the kernels' time, and without it, with executors of their own, 98-100%;
 4. **overlap**: ``classify`` and ``embed`` alone with ``pipeline_depth=1`` (collate, run and finish one batch at a
    time) against the default, one batch per executor stage (3 on CUDA: batch k+2 collates and copies while k+1
    runs and k's results come back; 2 on the CPU);
@@ -61,8 +65,8 @@ from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
 from batchplex_recsys import RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
-from harness import (RESULTS, add_torch_threads_option, apply_torch_threads, model_only, request_pool, saturate,
-                     write_results)
+from harness import (RESULTS, KernelBusy, add_torch_threads_option, apply_torch_threads, model_only, request_pool,
+                     saturate, write_results)
 from nlp_common import token_ids
 from vision_common import DETECTOR_RESIZE, uint8_image
 
@@ -184,12 +188,14 @@ class UtilizationSampler:
 
 
 async def run_load(specs: list[Spec], device: torch.device, args: argparse.Namespace, *,
-                   pipeline_depth: int | None = None, dedicated: bool = False) -> dict[str, Any]:
+                   pipeline_depth: int | None = None, dedicated: bool = False,
+                   kernel_time: bool = False) -> dict[str, Any]:
     """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall.
 
     The busy fraction is the union of the measured batches' device spans over the wall time (`busy_time`).
     ``dedicated``: each workload with an executor (and CUDA streams) of its own; their batches then overlap on
-    the device, and the union counts the overlap once where a sum of run times would count it twice."""
+    the device, and the union counts the overlap once where a sum of run times would count it twice.
+    ``kernel_time``: also the kernels' busy fraction (`KernelBusy`; CUDA), under CUPTI's small cost per kernel."""
     finished = BatchLog()
     async with Scheduler(plugins=[*PLUGINS, finished], autoload=False, pipeline_depth=pipeline_depth) as scheduler:
         for spec in specs:
@@ -207,7 +213,7 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
         before = scheduler.statistics()
         finished.records.clear()
         started = time.perf_counter()
-        with UtilizationSampler(device) as nvml:
+        with UtilizationSampler(device) as nvml, KernelBusy(device, enabled=kernel_time) as kernels:
             loads = await window(args.duration)
         wall = time.perf_counter() - started
         measured = list(finished.records)
@@ -218,7 +224,8 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
                                 "mean_batch": after[spec.name]["mean_batch_size"]}
                     for spec, load in zip(specs, loads)}
     return {"workloads": per_workload, "wall_s": wall, "busy_fraction": busy_time(measured) / wall,
-            "summed_device_time_fraction": sum(device_time.values()) / wall, "nvml_utilization": nvml.mean}
+            "summed_device_time_fraction": sum(device_time.values()) / wall, "nvml_utilization": nvml.mean,
+            "kernel_busy_fraction": kernels.fraction}
 
 
 def naive(spec: Spec, device: torch.device, seconds: float) -> dict[str, float]:
@@ -275,16 +282,22 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
     print("solo", result["solo"], flush=True)
 
     mix = [spec for spec in specs if not args.mix or spec.name in args.mix]
-    for key, label, dedicated in (("mixed", "mixed", False), ("mixed_dedicated", "mixed, one executor each", True)):
-        mixed = result[key] = await run_load(mix, device, args, dedicated=dedicated)
-        for spec in mix:
+    device_bound = [spec for spec in mix if spec.name in ("classify", "embed")]
+    runs = [("mixed", "mixed", mix, False), ("mixed_dedicated", "mixed, one executor each", mix, True)]
+    if len(device_bound) == 2 and len(mix) > 2:
+        runs.append(("device_bound_dedicated", "device-bound pair, one executor each", device_bound, True))
+    for key, label, chosen, dedicated in runs:
+        mixed = result[key] = await run_load(chosen, device, args, dedicated=dedicated, kernel_time=True)
+        kernels = mixed["kernel_busy_fraction"]
+        for spec in chosen:
             load = mixed["workloads"][spec.name]
             share = load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"]
-            rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}",
-                         f"{share:.0%} of alone", f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
-        rows.append([" + ".join(spec.name for spec in mix) + f" at once ({label})", "", "", "",
-                     f"{mixed['busy_fraction']:.0%}", "; ".join(filter(None, [
-                         _nvml(mixed), f"run times summed: {mixed['summed_device_time_fraction']:.0%} of wall"]))])
+            rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}", f"{share:.0%} of alone",
+                         "" if kernels else f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
+        rows.append([" + ".join(spec.name for spec in chosen) + f" at once ({label})", "", "", "",
+                     f"{kernels:.0%} (kernels)" if kernels is not None else f"{mixed['busy_fraction']:.0%}",
+                     _nvml(mixed) if kernels is not None else
+                     f"run times summed: {mixed['summed_device_time_fraction']:.0%} of wall"])
         print(key, mixed, flush=True)
 
     result["overlap"] = {}
@@ -325,6 +338,11 @@ async def small_batches(spec: Spec, device: torch.device, args: argparse.Namespa
     return out
 
 
+def _busy(run: dict[str, Any]) -> float:
+    """A mixed window's busy fraction: its kernels' where measured (CUDA), else the union of its batches' spans."""
+    return run["kernel_busy_fraction"] if run["kernel_busy_fraction"] is not None else run["busy_fraction"]
+
+
 def _nvml(run: dict[str, Any]) -> str:
     return "" if run["nvml_utilization"] is None else f"NVML utilization {run['nvml_utilization']:.0%}"
 
@@ -350,8 +368,8 @@ def plot(result: dict[str, Any], stem: str) -> None:
     axis.set_yscale("log")
     axis.set_ylabel("items/s (images, sequences, samples)")
     axis.set_title(f"batchplex engine, {', '.join(result['mixed']['workloads'])} at once: device busy "
-                   f"{result['mixed']['busy_fraction']:.0%} (one executor), "
-                   f"{result['mixed_dedicated']['busy_fraction']:.0%} (one each)", fontsize=10)
+                   f"{_busy(result['mixed']):.0%} (one executor), "
+                   f"{_busy(result['mixed_dedicated']):.0%} (one each)", fontsize=10)
     axis.legend()
     figure.tight_layout()
     figure.savefig(RESULTS / f"{stem}.png", dpi=120)

@@ -9,7 +9,8 @@ import time
 import weakref
 
 import pytest
-from benchmarks.harness import GcPauses, gc_note, latency_target, open_loop, request_pool, saturate
+import torch
+from benchmarks.harness import GcPauses, KernelBusy, gc_note, latency_target, open_loop, request_pool, saturate
 
 
 class _Recording:
@@ -102,3 +103,28 @@ def test_latency_target_is_max_wait_plus_two_full_batches() -> None:
     assert met["met"] and met["note"].endswith(": met")
     missed = latency_target(10.7, max_wait_ms=2.0, batch_ms=4.3)
     assert not missed["met"] and missed["note"].endswith(": missed")
+
+
+def test_kernel_busy_measures_nothing_off_cuda_or_when_disabled() -> None:
+    with KernelBusy(torch.device("cpu")) as kernels:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    assert kernels.fraction is None
+    with KernelBusy(torch.device("cuda", 0), enabled=False) as kernels:  # no CUDA call is made when disabled
+        pass
+    assert kernels.fraction is None
+
+
+@pytest.mark.gpu
+def test_kernel_busy_tells_a_busy_window_from_an_idle_one() -> None:
+    device = torch.device("cuda", 0)
+    x = torch.randn(4096, 4096, device=device)
+    torch.cuda.synchronize(device)
+    with KernelBusy(device) as idle:
+        time.sleep(0.2)
+    with KernelBusy(device) as busy:
+        for _ in range(200):
+            x = (x @ x).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+    assert idle.fraction is not None and busy.fraction is not None
+    assert idle.fraction < 0.05
+    assert 0.5 < busy.fraction <= 1.0
