@@ -83,11 +83,11 @@ async def measure(args: argparse.Namespace, tokenizer, model, device: torch.devi
                                model=HFModel(model), device=device, policy=policy, cuda_graphs=graphs)
         await scheduler.warmup("embed", make_request(random.Random(0)))  # every batch size once
         client = ThreadedSubmit(scheduler, pool) if pool else scheduler
-        pool = request_pool(make_request, args.concurrency)
-        await saturate(client, "embed", pool, concurrency=args.concurrency, duration_s=1.0)
+        requests = request_pool(make_request, args.concurrency)
+        await saturate(client, "embed", requests, concurrency=args.concurrency, duration_s=1.0)
         before = scheduler.workloads["embed"].stats.cost
         if rate is None:
-            result = await saturate(client, "embed", pool, concurrency=args.concurrency,
+            result = await saturate(client, "embed", requests, concurrency=args.concurrency,
                                     duration_s=args.duration)
             result["tokens_per_s"] = (scheduler.workloads["embed"].stats.cost - before) * result["items_per_s"] \
                 / result["requests"]
