@@ -292,7 +292,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
         for spec in chosen:
             load = mixed["workloads"][spec.name]
             share = load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"]
-            rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}", f"{share:.0%} of alone",
+            rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}",
+                         f"{share:.0%} of alone",
                          "" if kernels is not None else f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
         rows.append([" + ".join(spec.name for spec in chosen) + f" at once ({label})", "", "", "",
                      f"{kernels:.0%} (kernels)" if kernels is not None else f"{mixed['busy_fraction']:.0%}",

@@ -150,7 +150,8 @@ class KernelBusy:
     batch also count the host stalls inside it, and with overlapping streams they read near 100% (98-100% in
     four-workload windows where NVML read 64-75%); NVML's utilization is sampled over periods of its own, though it
     agreed with this within 3 points wherever both were read (68% and 68% in one four-workload window). ``fraction``
-    is None off CUDA and when not ``enabled``. Use as ``with KernelBusy(device) as kernels: ...``, then ``kernels.fraction``.
+    is None off CUDA and when not ``enabled``. Use as ``with KernelBusy(device) as kernels: ...``, then
+    ``kernels.fraction``.
     """
 
     def __init__(self, device: torch.device, *, enabled: bool = True) -> None:
@@ -158,6 +159,7 @@ class KernelBusy:
         self.enabled = enabled and device.type == "cuda"
         self.fraction: float | None = None
         self._profiler: Any = None
+        self._started = 0.0
 
     def __enter__(self) -> KernelBusy:
         if self.enabled:
