@@ -24,7 +24,9 @@ Measurements:
 3. **mixed**: all four workloads (or those ``--mix`` names) in one scheduler on one device, each under its own
    saturating load: each one's share of its solo throughput and the busy fraction; then again with
    ``dedicated_executor=True`` for each (one executor and set of CUDA streams per workload instead of one per device
-   shared fairly); then ``classify`` and ``embed`` alone together, the two whose solo runs keep the device busy
+   shared fairly); then again with one executor each and ``rank`` and ``detect`` compiled by TorchScript
+   (``torch.jit.script``: their forward runs in C++ with the GIL released, TorchScript's fusers off); then
+   ``classify`` and ``embed`` alone together, the two whose solo runs keep the device busy
    (``rank`` and ``detect`` are host-bound: alone they keep a GPU busy 6-8% and 33-48% of the time). On CUDA a
    mixed window's busy fraction is the kernels' (`harness.KernelBusy`: CUPTI records of every kernel and copy, their
    union over wall time), with NVML's utilization beside it; the batches' CUDA-event spans are not shown there:
@@ -49,7 +51,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import batchplex_nlp
@@ -63,7 +65,7 @@ from batchplex.testing import BatchLog
 from batchplex.plugins import PluginHost
 from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
-from batchplex_recsys import RankingRequest, table_sizes_of
+from batchplex_recsys import RankingModel, RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, jagged_form, random_request
 from harness import (RESULTS, KernelBusy, add_torch_threads_option, apply_torch_threads, model_only, request_pool,
                      saturate, write_results)
@@ -86,6 +88,11 @@ class Spec:
     items_per_request: int = 1
     graphs: bool = False
     policy_options: dict[str, Any] = field(default_factory=dict)
+    script: Callable[[Any], Any] | None = None  # the model compiled by TorchScript, for a host-bound workload
+
+    def scripted(self) -> Spec:
+        """This workload with its model compiled by TorchScript where it has ``script`` (else itself)."""
+        return self if self.script is None else replace(self, model=self.script(self.model), script=None)
 
     @property
     def batch_label(self) -> str:
@@ -148,10 +155,10 @@ def build_specs(device: torch.device, model_dir: str | None) -> list[Spec]:
         Spec("rank", "ranking", dlrm, rank_request, (2048 if cuda else 256) // samples,
              adapter_options={"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(dlrm), "dense_dim": DENSE_DIM,
                               "flatten": "collate"},
-             items_per_request=samples),
+             items_per_request=samples, script=RankingModel.scripted),
         Spec("detect", "detection", detector,
              lambda rng: uint8_image(rng, rng.randint(low, high), rng.randint(low, high)), 8 if cuda else 2,
-             adapter_options={"model_resize": DETECTOR_RESIZE}),
+             adapter_options={"model_resize": DETECTOR_RESIZE}, script=torch.jit.script),
     ]
 
 
@@ -284,18 +291,24 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
     mix = [spec for spec in specs if not args.mix or spec.name in args.mix]
     device_bound = [spec for spec in mix if spec.name in ("classify", "embed")]
     runs = [("mixed", "mixed", mix, False), ("mixed_dedicated", "mixed, one executor each", mix, True)]
+    if any(spec.script for spec in mix):
+        label = "mixed, one executor each, " + " + ".join(spec.name for spec in mix if spec.script) + " scripted"
+        runs.append(("mixed_scripted", label, [spec.scripted() for spec in mix], True))
     if len(device_bound) == 2 and len(mix) > 2:
         runs.append(("device_bound_dedicated", "device-bound pair, one executor each", device_bound, True))
     for key, label, chosen, dedicated in runs:
-        mixed = result[key] = await run_load(chosen, device, args, dedicated=dedicated, kernel_time=True)
+        with torch.jit.fuser("none"):  # scripted models: NNC fails on CUDA with "Global alloc not supported yet"
+            mixed = result[key] = await run_load(chosen, device, args, dedicated=dedicated, kernel_time=True)
         kernels = mixed["kernel_busy_fraction"]
+        shares = []
         for spec in chosen:
             load = mixed["workloads"][spec.name]
-            share = load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"]
+            shares.append(load["items_per_s"] / result["solo"][spec.name]["workloads"][spec.name]["items_per_s"])
             rows.append([f"{spec.name}: {label}", spec.batch_label, f"{load['items_per_s']:.0f}",
-                         f"{share:.0%} of alone",
+                         f"{shares[-1]:.0%} of alone",
                          "" if kernels is not None else f"{load['device_time_s'] / mixed['wall_s']:.0%}", ""])
-        rows.append([" + ".join(spec.name for spec in chosen) + f" at once ({label})", "", "", "",
+        rows.append([" + ".join(spec.name for spec in chosen) + f" at once ({label})", "", "",
+                     f"shares add up to {sum(shares):.2f}",
                      f"{kernels:.0%} (kernels)" if kernels is not None else f"{mixed['busy_fraction']:.0%}",
                      _nvml(mixed) if kernels is not None else
                      f"run times summed: {mixed['summed_device_time_fraction']:.0%} of wall"])
@@ -361,17 +374,22 @@ def plot(result: dict[str, Any], stem: str) -> None:
               "batchplex, mixed": [result["mixed"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names],
               "batchplex, mixed, one executor each": [
                   result["mixed_dedicated"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]}
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    width = 0.2
+    if "mixed_scripted" in result:
+        series["batchplex, mixed, one executor each, host-bound models scripted"] = [
+            result["mixed_scripted"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    width = 0.8 / len(series)
     for offset, (label, values) in enumerate(series.items()):
-        axis.bar([i + (offset - 1.5) * width for i in range(len(names))], values, width, label=label)
+        axis.bar([i + (offset - (len(series) - 1) / 2) * width for i in range(len(names))], values, width,
+                 label=label)
     axis.set_xticks(range(len(names)), names)
     axis.set_yscale("log")
     axis.set_ylabel("items/s (images, sequences, samples)")
-    axis.set_title(f"batchplex engine, {', '.join(result['mixed']['workloads'])} at once: device busy "
+    scripted = f", {_busy(result['mixed_scripted']):.0%} (scripted)" if "mixed_scripted" in result else ""
+    axis.set_title(f"batchplex engine, {', '.join(result['mixed']['workloads'])} at once\ndevice busy "
                    f"{_busy(result['mixed']):.0%} (one executor), "
-                   f"{_busy(result['mixed_dedicated']):.0%} (one each)", fontsize=10)
-    axis.legend()
+                   f"{_busy(result['mixed_dedicated']):.0%} (one each){scripted}", fontsize=10)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
     figure.tight_layout()
     figure.savefig(RESULTS / f"{stem}.png", dpi=120)
 

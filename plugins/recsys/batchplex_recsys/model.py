@@ -31,6 +31,18 @@ class RankingModel(torch.nn.Module):
                                "CUDA graph cannot be replayed for them; run ranking workloads without cuda_graphs")
         return self.module(batch.dense_features, batch.sparse_features)
 
+    def scripted(self) -> RankingModel:
+        """This model with its torchrec module compiled by ``torch.jit.script``, for a process that batches other
+        workloads too.
+
+        Why: an eager torchrec model does much of its work in Python on the host (DLRM with 26 tables: a lookup
+        and a KeyedJaggedTensor split per table), holding the GIL that every other workload's threads need. A
+        scripted module runs in C++ with the GIL released. Measured on an H200 (four workloads in one process,
+        one executor each): DLRM 40-46k -> 72-76k samples/s; alone it gains nothing. Read `table_sizes_of` from
+        the eager model (a scripted one keeps only what its forward calls). On CUDA, run it with TorchScript's
+        fusers off (``torch.jit.fuser("none")``)."""
+        return RankingModel(torch.jit.script(self.module))
+
 
 def table_sizes_of(module: torch.nn.Module) -> dict[str, int]:
     """``{feature key: num_embeddings}`` of every embedding table in ``module``, for the adapter's ``table_sizes``.

@@ -4,6 +4,7 @@ budget bounds the samples of a batch."""
 
 import asyncio
 import random
+import warnings
 
 import batchplex_recsys
 import pytest
@@ -138,3 +139,20 @@ async def test_cuda_graphs_fall_back_to_eager_runs_for_jagged_batches():
     adapter = RankingAdapter().configure(**options(model))
     for request, result in zip(requests, results):
         assert_same_result(result, alone(adapter, model, request, device), **tolerance(device))
+
+
+async def test_a_scripted_dlrm_scores_as_the_eager_one(device):
+    model = build_dlrm()
+    rng = random.Random(3)
+    requests = [random_request(rng, samples=rng.choice((None, 4))) for _ in range(12)]
+    with warnings.catch_warnings(), torch.jit.fuser("none"):
+        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
+        scripted = model.scripted()
+        assert isinstance(scripted.module, torch.jit.ScriptModule)
+        results, stats = await run(requests, scripted, device, BatchPolicy(max_batch_size=8, max_wait_ms=50),
+                                   table_sizes=table_sizes_of(model))
+    assert stats["completed"] == 12 and stats["mean_batch_size"] > 1
+    adapter = RankingAdapter().configure(**options(model))
+    for index, (request, result) in enumerate(zip(requests, results)):
+        assert_same_result(result, alone(adapter, model.to(indexed(device)), request, indexed(device)),
+                           where=f"request {index}", **tolerance(device))

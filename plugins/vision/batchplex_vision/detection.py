@@ -12,6 +12,13 @@ Results come back one dict per request (``boxes``, ``labels``, ``scores``, and `
 model gives them), in the request image's own pixel coordinates: torchvision's transform maps its detections back
 from the resized to the original image size.
 
+A detector compiled with ``torch.jit.script`` works as it is (its ``(losses, detections)`` pair is read for the
+detections). Why script one: torchvision's detectors are host-bound (fasterrcnn_mobilenet_v3_large_320_fpn in
+batches of 8 on an H200: 20 ms a batch, the GPU 43% busy), and TorchScript runs a scripted forward in C++ with the
+GIL released, so in a process that batches other workloads too the detector no longer holds their threads back
+(see the README's "Several workloads on one GPU"). On CUDA, run it with TorchScript's fusers off
+(``torch.jit.fuser("none")``): the default NNC fuser fails on these models with "Global alloc not supported yet".
+
 Batching note: the model pads a batch to its largest resized image, so an image's detections can differ slightly
 (and with untrained weights, a lot) between running alone and running next to images of another aspect ratio;
 results are the same as alone when the batch's images resize to the same padded shape. Size buckets reduce both
@@ -79,10 +86,20 @@ class DetectionAdapter(ImageRequests):
 
     def split(self, output: Any, items: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
         """One dict of the model's fields per request (the model gives one per image, in order)."""
+        output = _detections(output)
         if not (isinstance(output, Sequence) and all(isinstance(result, Mapping) for result in output)):
             raise TypeError(f"detection adapter: the model must return one dict per image (torchvision detection "
                             f"models in eval mode do), got {type(output).__name__}")
         return [dict(result) for result in output]
+
+
+def _detections(output: Any) -> Any:
+    """The per-image results in ``output``: a TorchScript torchvision detector returns ``(losses, detections)``
+    (a scripted function has one return type, so eval mode cannot drop the losses), an eager one the detections."""
+    if (isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], Mapping)
+            and isinstance(output[1], list)):
+        return output[1]
+    return output
 
 
 def model_area(height: int, width: int, model_resize: tuple[int, int] | None) -> int:

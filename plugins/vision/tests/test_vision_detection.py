@@ -7,6 +7,8 @@ tolerance atol 1e-3 (box pixels, scores), rtol 1e-5. For a batch of mixed aspect
 exactly those images: results equal the model run directly on the same list.
 """
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -66,6 +68,21 @@ async def test_mixed_aspect_ratios_reach_the_model_unpadded_and_in_order(detecto
     items = [images[0], images[1].float() / 255, images[2], images[3].permute(1, 2, 0)]
     results, _ = await detect(detector, device, items, submit_all)
     for image, result, expected in zip(images, results, direct(detector, images, device)):
+        assert_in_image(result, image)
+        assert_same_result(result, expected, **TOL)
+
+
+async def test_a_torchscript_detector_gives_the_eager_detectors_results(detector, device, submit_all):
+    """A scripted torchvision detector returns (losses, detections); the adapter hands out the detections."""
+    images = random_images(SAME_ASPECT, seed=2)
+    with warnings.catch_warnings(), torch.jit.fuser("none"):
+        warnings.filterwarnings("ignore", message="RCNN always returns")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
+        scripted = torch.jit.script(detector.to(device))
+        results, stats = await detect(scripted, device, images, submit_all)
+    assert stats["batches"] == 1 and stats["failed"] == 0
+    for image, result, expected in zip(images, results, direct(detector, images, device)):
+        assert set(result) == {"boxes", "labels", "scores"}
         assert_in_image(result, image)
         assert_same_result(result, expected, **TOL)
 
