@@ -119,10 +119,11 @@ class Scheduler:
         share (``weight`` then has no effect). Why: a model whose forward blocks its thread (host syncs, as in
         torchvision's detectors) otherwise holds every other workload's launches for as long as it runs. With four
         workloads on an H200 (1 torch intra-op thread), one executor each raised the time the GPU ran kernels from
-        43% to 62% of the wall time, NVML's utilization from 47% to 64% (``benchmarks/engine.py``). Continuous (generation) workloads always run on a step loop of their own. With
-        ``cuda_graphs`` elsewhere on the device, call `warmup` before traffic: a random op that a dedicated
-        executor runs while another workload captures a graph can fail (PyTorch marks the device's random
-        generator for the whole capture).
+        41-43% to 62% of the wall time, NVML's utilization from 46-47% to 63-64% (``benchmarks/engine.py``, two
+        runs). Continuous (generation) workloads always run on a step loop of their own. With ``cuda_graphs``
+        elsewhere on the device, call `warmup` before traffic: a random op that a dedicated executor runs while
+        another workload captures a graph can fail (PyTorch marks the device's random generator for the whole
+        capture).
         """
         if name in self._workloads or name in self._continuous:
             raise ValueError(f"a workload named {name!r} exists already")
