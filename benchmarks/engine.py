@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -292,12 +293,14 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
     device_bound = [spec for spec in mix if spec.name in ("classify", "embed")]
     runs = [("mixed", "mixed", mix, False), ("mixed_dedicated", "mixed, one executor each", mix, True)]
     if any(spec.script for spec in mix):
-        label = "mixed, one executor each, " + " + ".join(spec.name for spec in mix if spec.script) + " scripted"
-        runs.append(("mixed_scripted", label, [spec.scripted() for spec in mix], True))
+        scripted_label = ("mixed, one executor each, " + " + ".join(spec.name for spec in mix if spec.script)
+                          + " scripted")
+        runs.append(("mixed_scripted", scripted_label, [spec.scripted() for spec in mix], True))
     if len(device_bound) == 2 and len(mix) > 2:
         runs.append(("device_bound_dedicated", "device-bound pair, one executor each", device_bound, True))
     for key, label, chosen, dedicated in runs:
-        with torch.jit.fuser("none"):  # scripted models: NNC fails on CUDA with "Global alloc not supported yet"
+        # scripted models: NNC fails on CUDA with "Global alloc not supported yet"
+        with torch.jit.fuser("none") if key == "mixed_scripted" else contextlib.nullcontext():
             mixed = result[key] = await run_load(chosen, device, args, dedicated=dedicated, kernel_time=True)
         kernels = mixed["kernel_busy_fraction"]
         shares = []
@@ -369,14 +372,16 @@ def plot(result: dict[str, Any], stem: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["solo"])
+
+    def mixed_rates(key: str) -> list[float]:
+        return [result[key]["workloads"].get(name, {}).get("items_per_s", 0) for name in names]
+
     series = {"naive (one at a time)": [result["naive"][n]["items_per_s"] for n in names],
               "batchplex, alone": [result["solo"][n]["workloads"][n]["items_per_s"] for n in names],
-              "batchplex, mixed": [result["mixed"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names],
-              "batchplex, mixed, one executor each": [
-                  result["mixed_dedicated"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]}
+              "batchplex, mixed": mixed_rates("mixed"),
+              "batchplex, mixed, one executor each": mixed_rates("mixed_dedicated")}
     if "mixed_scripted" in result:
-        series["batchplex, mixed, one executor each, host-bound models scripted"] = [
-            result["mixed_scripted"]["workloads"].get(n, {}).get("items_per_s", 0) for n in names]
+        series["batchplex, mixed, one executor each, host-bound models scripted"] = mixed_rates("mixed_scripted")
     figure, axis = plt.subplots(figsize=(9, 5.5))
     width = 0.8 / len(series)
     for offset, (label, values) in enumerate(series.items()):

@@ -33,7 +33,7 @@ def as_records(promises: list[Promise]) -> list[dict[str, Any]]:
 
 #: advice batchplex logs once per process about its configuration, not about a request: whichever case first adds a
 #: CUDA workload while torch's intra-op pool is wide logs it (`batchplex._host_threads`)
-CONFIGURATION_ADVICE = ("intra-op CPU threads",)
+CONFIGURATION_ADVICE = ("batchplex WARNING: torch runs host-side tensor work on ",)
 
 
 def check_probe(result: dict[str, Any], allowed_logs: tuple[str, ...] = ()) -> list[Promise]:

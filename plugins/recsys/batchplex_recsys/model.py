@@ -32,30 +32,41 @@ class RankingModel(torch.nn.Module):
         return self.module(batch.dense_features, batch.sparse_features)
 
     def scripted(self) -> RankingModel:
-        """This model with its torchrec module compiled by ``torch.jit.script``, for a process that batches other
-        workloads too.
+        """This model with its torchrec module compiled by ``torch.jit.script`` (sharing its parameters), for a
+        process that batches other workloads too.
 
         Why: an eager torchrec model does much of its work in Python on the host (DLRM with 26 tables: a lookup
         and a KeyedJaggedTensor split per table), holding the GIL that every other workload's threads need. A
         scripted module runs in C++ with the GIL released. Measured on an H200 (four workloads in one process,
-        one executor each): DLRM 40-46k -> 72-76k samples/s; alone it gains nothing. Read `table_sizes_of` from
-        the eager model (a scripted one keeps only what its forward calls). On CUDA, run it with TorchScript's
-        fusers off (``torch.jit.fuser("none")``)."""
-        return RankingModel(torch.jit.script(self.module))
+        one executor each): DLRM 40-46k -> 72-78k samples/s; alone it gains nothing. TorchScript is deprecated
+        from torch 2.14 (a ``FutureWarning``) but still the way to run a torchrec forward off the GIL.
+
+        Read `table_sizes_of` from this (eager) model: a scripted one keeps only what its forward calls. On CUDA,
+        keep TorchScript's fusers off for as long as the model serves, not only while scripting: the flags are
+        process-wide and TorchScript reads them when it optimizes (on the second call, and again when new shapes
+        arrive), so enter ``torch.jit.fuser("none")`` around the whole ``async with Scheduler(...)`` block."""
+        return RankingModel(torch.jit.script(self.module)).train(self.training)
 
 
 def table_sizes_of(module: torch.nn.Module) -> dict[str, int]:
     """``{feature key: num_embeddings}`` of every embedding table in ``module``, for the adapter's ``table_sizes``.
 
     Reads the configs of each torchrec ``EmbeddingBagCollection``/``EmbeddingCollection`` inside ``module``; a
-    feature that feeds several tables gets the smallest size, so its ids are valid in all of them.
+    feature that feeds several tables gets the smallest size, so its ids are valid in all of them. Raises
+    ``ValueError`` for a TorchScript module with no configs to read: an empty result would switch the adapter's
+    range check off, and an out-of-range id on CUDA ends in a device-side assert.
     """
     sizes: dict[str, int] = {}
+    scripted = False
     for sub in module.modules():
+        scripted = scripted or isinstance(sub, torch.jit.ScriptModule)
         configs = getattr(sub, "embedding_bag_configs", None) or getattr(sub, "embedding_configs", None)
         if not callable(configs):
             continue
         for config in configs():
             for key in config.feature_names:
                 sizes[key] = min(sizes.get(key, config.num_embeddings), config.num_embeddings)
+    if scripted and not sizes:
+        raise ValueError("table_sizes_of: a TorchScript module keeps no torchrec embedding configs; read the sizes "
+                         "from the eager model (before RankingModel.scripted() or torch.jit.script)")
     return sizes

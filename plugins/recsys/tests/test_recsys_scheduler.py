@@ -26,8 +26,9 @@ def indexed(device):
         else device
 
 
-def options(model, **extra):
-    return {"keys": SPARSE_KEYS, "table_sizes": table_sizes_of(model), "dense_dim": DENSE_DIM, **extra}
+def options(model, table_sizes=None, **extra):
+    return {"keys": SPARSE_KEYS, "table_sizes": table_sizes or table_sizes_of(model), "dense_dim": DENSE_DIM,
+            **extra}
 
 
 def alone(adapter, model, request, device):
@@ -148,7 +149,9 @@ async def test_a_scripted_dlrm_scores_as_the_eager_one(device):
     with warnings.catch_warnings(), torch.jit.fuser("none"):
         warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
         scripted = model.scripted()
-        assert isinstance(scripted.module, torch.jit.ScriptModule)
+        assert isinstance(scripted.module, torch.jit.ScriptModule) and not scripted.training
+        with pytest.raises(ValueError, match="from the eager model"):  # not an empty dict: no range check
+            table_sizes_of(scripted)
         results, stats = await run(requests, scripted, device, BatchPolicy(max_batch_size=8, max_wait_ms=50),
                                    table_sizes=table_sizes_of(model))
     assert stats["completed"] == 12 and stats["mean_batch_size"] > 1

@@ -14,10 +14,13 @@ from the resized to the original image size.
 
 A detector compiled with ``torch.jit.script`` works as it is (its ``(losses, detections)`` pair is read for the
 detections). Why script one: torchvision's detectors are host-bound (fasterrcnn_mobilenet_v3_large_320_fpn in
-batches of 8 on an H200: 20 ms a batch, the GPU 43% busy), and TorchScript runs a scripted forward in C++ with the
-GIL released, so in a process that batches other workloads too the detector no longer holds their threads back
-(see the README's "Several workloads on one GPU"). On CUDA, run it with TorchScript's fusers off
-(``torch.jit.fuser("none")``): the default NNC fuser fails on these models with "Global alloc not supported yet".
+batches of 8 on H200s: 20-26 ms a batch, the GPU 33-43% busy), and TorchScript runs a scripted forward in C++ with
+the GIL released, so in a process that batches other workloads too the detector no longer holds their threads back
+(see the README's "Several workloads on one GPU"). TorchScript is deprecated from torch 2.14 (a ``FutureWarning``)
+but still runs. On CUDA, keep TorchScript's fusers off for as long as the detector serves: the default NNC fuser
+fails on it with "Global alloc not supported yet", and the flags are process-wide and read when TorchScript
+optimizes (on the second call, and again for new shapes), so enter ``torch.jit.fuser("none")`` around the whole
+``async with Scheduler(...)`` block.
 
 Batching note: the model pads a batch to its largest resized image, so an image's detections can differ slightly
 (and with untrained weights, a lot) between running alone and running next to images of another aspect ratio;
