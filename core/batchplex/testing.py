@@ -1,5 +1,5 @@
-"""Tools for testing adapters and code that uses batchplex: a fake adapter, the adapter contract check and a log of
-finished batches.
+"""Tools for testing adapters and code that uses batchplex: a fake adapter, the adapter contract check, a log of
+finished batches and TorchScript set up as batchplex advises (`scripting`).
 
 Plugin authors run `check_adapter` against their own adapter with a few sample requests and a model: it checks
 that ``prepare``/``cost``/``collate``/``split`` keep the contract and that every request's result, batched with
@@ -9,8 +9,10 @@ the others (and padded, if asked), equals its result run alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +23,18 @@ from .errors import InvalidRequestError
 from .hookspecs import hookimpl
 from .metrics import BatchRecord
 
-__all__ = ["BatchLog", "FakeAdapter", "check_adapter", "assert_same_result", "wait_until"]
+__all__ = ["BatchLog", "FakeAdapter", "check_adapter", "assert_same_result", "scripting", "wait_until"]
+
+
+@contextlib.contextmanager
+def scripting() -> Iterator[None]:
+    """TorchScript set up as batchplex advises for scripted models (see the README's "Several workloads on one
+    GPU"): TorchScript's fusers off for the whole block (its default fuser fails on torchvision's detectors on CUDA,
+    and it reads the process-wide flags whenever it optimizes), and torch 2.14's deprecation warning for
+    ``torch.jit.script`` silenced. Script the model and serve it inside the block."""
+    with warnings.catch_warnings(), torch.jit.fuser("none"):
+        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
+        yield
 
 
 class BatchLog:

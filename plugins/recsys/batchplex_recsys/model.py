@@ -67,6 +67,7 @@ def table_sizes_of(module: torch.nn.Module) -> dict[str, int]:
             for key in config.feature_names:
                 sizes[key] = min(sizes.get(key, config.num_embeddings), config.num_embeddings)
     if scripted and not sizes:
-        raise ValueError("table_sizes_of: a TorchScript module keeps no torchrec embedding configs; read the sizes "
-                         "from the eager model (before RankingModel.scripted() or torch.jit.script)")
+        raise ValueError(f"table_sizes_of({type(module).__name__}): it holds TorchScript modules, which keep no "
+                         f"torchrec embedding configs, and no eager table to read a size from; read the sizes from "
+                         f"the eager model (before RankingModel.scripted() or torch.jit.script)")
     return sizes

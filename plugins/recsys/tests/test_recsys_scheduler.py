@@ -4,13 +4,12 @@ budget bounds the samples of a batch."""
 
 import asyncio
 import random
-import warnings
 
 import batchplex_recsys
 import pytest
 import torch
 from batchplex import BatchPolicy, InvalidRequestError, RequestTooLargeError, Scheduler
-from batchplex.testing import BatchLog, assert_same_result
+from batchplex.testing import BatchLog, assert_same_result, scripting
 from batchplex_recsys import RankingAdapter, RankingRequest, table_sizes_of
 from batchplex_recsys.criteo import DENSE_DIM, SPARSE_KEYS, build_dlrm, random_request
 
@@ -146,8 +145,7 @@ async def test_a_scripted_dlrm_scores_as_the_eager_one(device):
     model = build_dlrm()
     rng = random.Random(3)
     requests = [random_request(rng, samples=rng.choice((None, 4))) for _ in range(12)]
-    with warnings.catch_warnings(), torch.jit.fuser("none"):
-        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
+    with scripting():
         scripted = model.scripted()
         assert isinstance(scripted.module, torch.jit.ScriptModule) and not scripted.training
         with pytest.raises(ValueError, match="from the eager model"):  # not an empty dict: no range check

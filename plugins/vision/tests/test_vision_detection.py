@@ -15,7 +15,7 @@ from PIL import Image
 
 import batchplex_vision
 from batchplex import BatchPolicy, Scheduler
-from batchplex.testing import assert_same_result, check_adapter
+from batchplex.testing import assert_same_result, check_adapter, scripting
 from batchplex_vision import DetectionAdapter, model_area
 
 SAME_ASPECT = [(64, 96), (96, 144), (128, 192)]     # H x W, all resized by the model to 320 x 480
@@ -75,9 +75,8 @@ async def test_mixed_aspect_ratios_reach_the_model_unpadded_and_in_order(detecto
 async def test_a_torchscript_detector_gives_the_eager_detectors_results(detector, device, submit_all):
     """A scripted torchvision detector returns (losses, detections); the adapter hands out the detections."""
     images = random_images(SAME_ASPECT, seed=2)
-    with warnings.catch_warnings(), torch.jit.fuser("none"):
+    with scripting(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RCNN always returns")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=FutureWarning)
         scripted = torch.jit.script(detector.to(device))
         results, stats = await detect(scripted, device, images, submit_all)
     assert stats["batches"] == 1 and stats["failed"] == 0
