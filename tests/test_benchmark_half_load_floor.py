@@ -1,0 +1,40 @@
+"""`benchmarks/half_load_floor.py`: its stand-in model and one measured window, on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def floor(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports `harness` as its neighbour
+    return importlib.import_module("half_load_floor")
+
+
+def test_the_stand_in_sleeps_its_rows_share_of_a_full_batch(floor, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(floor.time, "sleep", slept.append)
+    model = floor.SleepingModel(run_ms=8.0, full=64)
+    batch = torch.arange(16)
+    assert model(batch) is batch
+    model(torch.arange(64))
+    assert slept == [pytest.approx(0.002), pytest.approx(0.008)]
+
+
+async def test_a_window_batches_every_request_and_reports_against_the_target(floor) -> None:
+    point = floor.Point("tiny", run_ms=1.0, rate=2000.0, batch=8, shape=(4,), dtype=torch.int32)
+    window = await floor.measure_window(point, argparse.Namespace(duration=0.5, max_wait_ms=2.0), 0)
+    assert window["requests"] > 500  # Poisson arrivals at 2,000/s for 0.5 s
+    assert window["batched"] == window["requests"]  # every request of the window in one batch, none twice
+    assert 1.0 <= window["mean_batch"] <= 8.0
+    assert window["target_ms"] == pytest.approx(2.0 + 2 * 1.0)
+    assert window["oldest_wait_p99_ms"] >= 0.0
+    assert window["p99_ms"] >= window["p50_ms"] > 0.0
+    assert 0.0 < window["ran_fraction"] < 1.0
