@@ -54,8 +54,9 @@ stage_recsys() {
     $python benchmarks/recsys_collate.py --device cuda && $python benchmarks/recsys_dlrm.py --device cuda
 }
 stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
-# The open-loop load generator's own cost on this host's event loop (read with the half-load rows of vision and nlp).
-stage_loop() { $python benchmarks/open_loop_cost.py; }
+# This host's CPU alone (read with the half-load rows of vision and nlp): the open-loop load generator's own cost on
+# the event loop, and the half-load latency batchplex reaches with a stand-in model that holds no GIL.
+stage_loop() { $python benchmarks/open_loop_cost.py && $python benchmarks/half_load_floor.py; }
 stage_multi() { $python benchmarks/multi_gpu.py --device cuda; }
 stage_generation() { $python benchmarks/generation_throughput.py --device cuda; }
 # The out-of-memory case is slow on a real GPU (each wave allocates until CUDA refuses): a quarter of its requests.
