@@ -3,9 +3,10 @@
 #
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
-# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop, multi
-# (one workload on 1, 2, ... GPUs) and ray (Ray Serve with 1 and 2 replicas, one GPU each; needs BATCHPLEX_RAY_BUNDLE),
-# both for a machine of two or more GPUs.
+# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop and
+# processes (this host's CPU alone; the four workloads in one process against one each), multi (one workload on 1,
+# 2, ... GPUs) and ray (Ray Serve with 1 and 2 replicas, one GPU each; needs BATCHPLEX_RAY_BUNDLE), both for a
+# machine of two or more GPUs.
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
 #                         /tmp/batchplex-site and put on PYTHONPATH; skipped when unset
@@ -54,6 +55,8 @@ stage_recsys() {
     $python benchmarks/recsys_collate.py --device cuda && $python benchmarks/recsys_dlrm.py --device cuda
 }
 stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
+# The four workloads in one process against one process each (device utilization by NVML).
+stage_processes() { $python benchmarks/mix_processes.py --device cuda "${minilm[@]}"; }
 # This host's CPU alone (read with the half-load rows of vision and nlp): the open-loop load generator's own cost on
 # the event loop, and the half-load latency batchplex reaches with a stand-in model that holds no GIL.
 stage_loop() { $python benchmarks/open_loop_cost.py && $python benchmarks/half_load_floor.py; }
