@@ -51,7 +51,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -196,14 +196,16 @@ class UtilizationSampler:
 
 
 async def run_load(specs: list[Spec], device: torch.device, args: argparse.Namespace, *,
-                   pipeline_depth: int | None = None, dedicated: bool = False,
-                   kernel_time: bool = False) -> dict[str, Any]:
+                   pipeline_depth: int | None = None, dedicated: bool = False, kernel_time: bool = False,
+                   ready: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
     """Saturate every workload in ``specs`` at once on one scheduler: items/s each, busy fraction overall.
 
     The busy fraction is the union of the measured batches' device spans over the wall time (`busy_time`).
     ``dedicated``: each workload with an executor (and CUDA streams) of its own; their batches then overlap on
     the device, and the union counts the overlap once where a sum of run times would count it twice.
-    ``kernel_time``: also the kernels' busy fraction (`KernelBusy`; CUDA), under CUPTI's small cost per kernel."""
+    ``kernel_time``: also the kernels' busy fraction (`KernelBusy`; CUDA), under CUPTI's small cost per kernel.
+    ``ready``: awaited between the warm-up and the measured window (`mix_processes.py` starts the windows of
+    several processes together)."""
     finished = BatchLog()
     async with Scheduler(plugins=[*PLUGINS, finished], autoload=False, pipeline_depth=pipeline_depth) as scheduler:
         for spec in specs:
@@ -218,6 +220,8 @@ async def run_load(specs: list[Spec], device: torch.device, args: argparse.Names
                          items_per_request=spec.items_per_request) for spec, pool in zip(specs, pools)))
 
         await window(max(1.0, args.duration / 4))  # warm-up: allocator, cuDNN, graph capture
+        if ready is not None:
+            await ready()
         before = scheduler.statistics()
         finished.records.clear()
         started = time.perf_counter()

@@ -3,10 +3,11 @@
 #
 #   benchmarks/gpu_run.sh OUT_DIR [stage ...]
 #
-# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools; also loop and
-# processes (this host's CPU alone; the four workloads in one process against one each), multi (one workload on 1,
-# 2, ... GPUs) and ray (Ray Serve with 1 and 2 replicas, one GPU each; needs BATCHPLEX_RAY_BUNDLE), both for a
-# machine of two or more GPUs.
+# Stages (default: all, in this order): tests vision nlp recsys engine generation reliability tools. Also:
+#   loop       this host's CPU alone (the load generator's cost; the half-load latency floor)
+#   processes  the four workloads of engine in one process against one process each
+#   multi      one workload on 1, 2, ... GPUs (a machine of two or more GPUs)
+#   ray        Ray Serve with 1 and 2 replicas, one GPU each (two or more GPUs; needs BATCHPLEX_RAY_BUNDLE)
 # Environment:
 #   BATCHPLEX_WHEELS      folder of wheels the machine lacks (see benchmarks/README.md), installed into
 #                         /tmp/batchplex-site and put on PYTHONPATH; skipped when unset
@@ -59,7 +60,10 @@ stage_engine() { $python benchmarks/engine.py --device cuda "${minilm[@]}"; }
 stage_processes() { $python benchmarks/mix_processes.py --device cuda "${minilm[@]}"; }
 # This host's CPU alone (read with the half-load rows of vision and nlp): the open-loop load generator's own cost on
 # the event loop, and the half-load latency batchplex reaches with a stand-in model that holds no GIL.
-stage_loop() { $python benchmarks/open_loop_cost.py && $python benchmarks/half_load_floor.py; }
+stage_loop() {
+    $python benchmarks/open_loop_cost.py && $python benchmarks/half_load_floor.py \
+        && $python benchmarks/half_load_floor.py --points minilm-graphed --rates 8000 16000 24000 32000
+}
 stage_multi() { $python benchmarks/multi_gpu.py --device cuda; }
 stage_generation() { $python benchmarks/generation_throughput.py --device cuda; }
 # The out-of-memory case is slow on a real GPU (each wave allocates until CUDA refuses): a quarter of its requests.

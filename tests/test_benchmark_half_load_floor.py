@@ -30,13 +30,11 @@ def test_the_stand_in_sleeps_its_rows_share_of_a_full_batch(floor, monkeypatch: 
     assert slept == [pytest.approx(0.002), pytest.approx(0.008)]
 
 
-async def test_a_window_batches_every_request_and_reports_against_the_target(floor) -> None:
+async def test_a_window_batches_every_request_and_reads_the_oldest_wait_in_ms(floor) -> None:
     point = floor.Point("tiny", run_ms=1.0, rate=2000.0, batch=8, shape=(4,), dtype=torch.int32)
-    window = await floor.measure_window(point, argparse.Namespace(duration=0.5, max_wait_ms=2.0), 0)
+    window = await floor.measure_window(point, argparse.Namespace(duration=0.5, max_wait_ms=2.0, warmup=0.2), 0)
     assert window["requests"] > 500  # Poisson arrivals at 2,000/s for 0.5 s
     assert window["batched"] == window["requests"]  # every request of the window in one batch, none twice
-    assert 1.0 <= window["mean_batch"] <= 8.0
-    assert window["target_ms"] == pytest.approx(2.0 + 2 * 1.0)
-    assert window["oldest_wait_p99_ms"] >= 2.0  # batches fill in about 4 ms here: most leave on the 2 ms timer
-    assert window["p99_ms"] >= window["p50_ms"] > 0.0
+    # batches fill in about 4 ms here, so most leave on the 2 ms timer: the oldest waited 2 ms, in ms, not s or us
+    assert 2.0 <= window["oldest_wait_p99_ms"] < 50.0
     assert 0.0 < window["ran_fraction"] < 1.0

@@ -5,7 +5,8 @@ Every strategy of the classic batching playbook is a field here, validated once 
 * dynamic batching: a batch leaves when it holds ``max_batch_size`` requests, or ``max_wait_ms`` after the
   **oldest** waiting request arrived, whichever comes first. The wait is kept by an event-loop timer, and
   asyncio's epoll selector rounds a timeout up to whole milliseconds: a batch may leave up to about 1 ms late
-  (``benchmarks/half_load_floor.py``: the oldest request's wait had a p99 of 3.1 ms with ``max_wait_ms=2``);
+  (``benchmarks/half_load_floor.py``: the oldest request's wait had a p99 of 3.1 ms with ``max_wait_ms=2`` at
+  light load), and later when the loop falls behind under load;
 * static batching and CUDA-graph friendly sizes: ``preferred_batch_sizes`` pads a batch of ``n`` requests up to
   the smallest preferred size ``>= n`` (`BatchPolicy.static` makes a fixed-size policy);
 * sequence-length bucketing: ``bucket_edges`` keeps one queue per length range, so a batch only mixes requests of
