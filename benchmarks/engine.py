@@ -62,7 +62,7 @@ import torch
 import torchvision
 from batchplex import BatchPolicy, GraphedModel, Scheduler
 from batchplex.metrics import busy_time
-from batchplex.testing import BatchLog
+from batchplex.testing import BatchLog, scripting
 from batchplex.plugins import PluginHost
 from batchplex_nlp import HFModel
 from batchplex_nlp.testing import load_minilm
@@ -303,8 +303,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[list[s
     if len(device_bound) == 2 and len(mix) > 2:
         runs.append(("device_bound_dedicated", "device-bound pair, one executor each", device_bound, True))
     for key, label, chosen, dedicated in runs:
-        # scripted models: NNC fails on CUDA with "Global alloc not supported yet"
-        with torch.jit.fuser("none") if key == "mixed_scripted" else contextlib.nullcontext():
+        with scripting() if key == "mixed_scripted" else contextlib.nullcontext():  # fusers off: NNC fails on CUDA
             mixed = result[key] = await run_load(chosen, device, args, dedicated=dedicated, kernel_time=True)
         kernels = mixed["kernel_busy_fraction"]
         shares = []

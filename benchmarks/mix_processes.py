@@ -67,8 +67,8 @@ async def serve(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             raise SystemExit(f"child {names}: no go from the parent (read {line!r})")
 
     load_args = argparse.Namespace(duration=args.seconds, max_wait_ms=2.0)
-    result = await engine.run_load(specs, device, load_args, dedicated=len(specs) > 1,
-                                   kernel_time=device.type == "cuda", ready=ready)
+    result = await engine.run_load(specs, device, load_args, dedicated=len(specs) > 1, kernel_time=True,
+                                   ready=ready)
     return {"items_per_s": {name: load["items_per_s"] for name, load in result["workloads"].items()},
             "kernel_busy_fraction": result["kernel_busy_fraction"]}
 
