@@ -60,6 +60,7 @@ import io
 import json
 import os
 import pstats
+import queue
 import statistics
 import subprocess
 import sys
@@ -216,6 +217,40 @@ def thread_cpu_s() -> dict[str, float]:
     return used
 
 
+def thread_round_trip_us(same_cpu: bool, trips: int = 4000) -> float | None:
+    """Microseconds for a token to reach another thread and come back, each way a blocking queue hand-off (the
+    kind batchplex's executor threads make per batch), with both threads on one CPU or on two.
+
+    Why: on a virtual machine a wake-up across CPUs can cost several times one on the same CPU, and it varies with
+    the host's state; the peers run inline on one thread and never pay it. None without thread affinity (not Linux)
+    or, for two CPUs, with fewer than two allowed."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not allowed or (not same_cpu and len(allowed) < 2):
+        return None
+    mine, theirs = allowed[0], allowed[0] if same_cpu else allowed[1]
+    there: queue.SimpleQueue = queue.SimpleQueue()
+    back: queue.SimpleQueue = queue.SimpleQueue()
+
+    def echo() -> None:
+        os.sched_setaffinity(0, {theirs})  # 0: the calling thread
+        for _ in range(trips):
+            back.put(there.get())
+
+    os.sched_setaffinity(0, {mine})
+    try:
+        thread = threading.Thread(target=echo)
+        thread.start()
+        start = time.perf_counter()
+        for trip in range(trips):
+            there.put(trip)
+            back.get()
+        elapsed = time.perf_counter() - start
+        thread.join()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return elapsed / trips * 1e6
+
+
 async def measure_point(system: str, submitters: int, args: argparse.Namespace,
                         profiler: cProfile.Profile | None = None) -> dict[str, Any]:
     """Closed-loop load from ``submitters`` coroutines: warm up, measure a window, stop, check every result."""
@@ -340,6 +375,17 @@ def summarize(runs: list[dict[str, Any]], systems: list[str], loads: list[int]) 
     return {"medians": medians, "batchplex_vs_best_peer": ratios}
 
 
+def round_trip_line(trips: list[dict[str, float | None]]) -> str:
+    """The header line on the machine's thread hand-offs: the range over the rounds, each layout."""
+    def span(key: str) -> str:
+        values = [trip[key] for trip in trips if trip.get(key) is not None]
+        return f"{min(values):.0f}-{max(values):.0f} µs" if values else "not measured"
+
+    return (f"- Thread round trip (a blocking hand-off to another thread and back, before each round): "
+            f"{span('two_cpus')} across two CPUs, {span('one_cpu')} on one. batchplex's executor threads make "
+            "a few such hand-offs per batch; the peers, inline, none")
+
+
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     stamp, config = report["machine"], report["config"]
     medians, ratios = report["summary"]["medians"], report["summary"]["batchplex_vs_best_peer"]
@@ -350,6 +396,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"- Machine: {stamp['machine']} ({stamp['cpus']} CPUs), device `{config['device']}`; load average "
         f"{report['load_average'][0]:.2f} before, {report['load_average'][1]:.2f} after (other work shared the "
         "machine when above ~0)",
+        round_trip_line(report.get("thread_round_trip_us", [])),
         f"- Python {stamp['python']}, torch {stamp['torch']}, batchplex {report['versions']['batchplex']} "
         f"(commit {report['versions']['core_commit']}), ray {report['versions']['ray']}, batched "
         f"{report['versions']['batched']}; asyncio's default event loop",
@@ -482,8 +529,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"left out (library not installed): {', '.join(skipped)}")
     load_before = os.getloadavg()[0]
     runs = []
+    round_trips = []
     started = time.perf_counter()
     for repeat in range(args.repeats):
+        trip = {"one_cpu": thread_round_trip_us(same_cpu=True), "two_cpus": thread_round_trip_us(same_cpu=False)}
+        round_trips.append(trip)
+        print(f"round {repeat + 1}: thread round trip {trip} us", flush=True)
         for system in args.systems:
             for n in args.submitters:
                 point = run_point(system, n, args)
@@ -496,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "scheduler overhead, no-op model",
         "machine": machine(),
         "load_average": [load_before, os.getloadavg()[0]],
+        "thread_round_trip_us": round_trips,
         "versions": {"batchplex": batchplex.__version__, "core_commit": core_revision(), "ray": version("ray"),
                      "batched": version("batched")},
         "config": {"device": args.device, "submitters": args.submitters, "systems": args.systems,
