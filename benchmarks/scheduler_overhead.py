@@ -378,7 +378,7 @@ def summarize(runs: list[dict[str, Any]], systems: list[str], loads: list[int]) 
 def round_trip_line(trips: list[dict[str, float | None]]) -> str:
     """The header line on the machine's thread hand-offs: the range over the rounds, each layout."""
     def span(key: str) -> str:
-        values = [trip[key] for trip in trips if trip.get(key) is not None]
+        values = [trip[key] for trip in trips if trip[key] is not None]
         return f"{min(values):.0f}-{max(values):.0f} µs" if values else "not measured"
 
     return (f"- Thread round trip (a blocking hand-off to another thread and back, before each round): "
@@ -396,7 +396,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"- Machine: {stamp['machine']} ({stamp['cpus']} CPUs), device `{config['device']}`; load average "
         f"{report['load_average'][0]:.2f} before, {report['load_average'][1]:.2f} after (other work shared the "
         "machine when above ~0)",
-        round_trip_line(report.get("thread_round_trip_us", [])),
+        round_trip_line(report["thread_round_trip_us"]),
         f"- Python {stamp['python']}, torch {stamp['torch']}, batchplex {report['versions']['batchplex']} "
         f"(commit {report['versions']['core_commit']}), ray {report['versions']['ray']}, batched "
         f"{report['versions']['batched']}; asyncio's default event loop",
